@@ -1,0 +1,18 @@
+"""dist_train: a YAML recipe -> a trained PyTorch model, on 1 CPU, N GPUs or a SLURM cluster."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["load_recipe", "train", "UserError"]
+
+from .errors import UserError
+from .recipe import load_recipe
+
+
+def train(recipe, output_dir: str | None = None, **kwargs) -> dict:
+    """Train a `Recipe` (or a recipe path); returns the final validation metrics."""
+    from .train import train as _train
+
+    if not hasattr(recipe, "model_dump"):
+        recipe = load_recipe(recipe)
+    return _train(recipe, output_dir, **kwargs)

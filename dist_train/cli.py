@@ -1,0 +1,119 @@
+"""Subcommands: train, check, summary, eval, predict, report, submit, schema. Thin: each one
+parses flags and calls the module that does the work; user mistakes exit 2 with one message."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+from .runtime import is_main_rank
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path of the recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to delete")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe (auto-resumes an existing -o directory)")
+    _recipe_args(p)
+    p.add_argument("-o", "--output-dir", help="run directory (default runs/<name>/<timestamp>)")
+    p.add_argument("--restart", action="store_true", help="discard the run directory's state")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="resume even though training-relevant recipe fields changed")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("check", help="validate and build everything without training")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("summary", help="layer table: output shapes, trainable/frozen parameters")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_summary)
+    for name, helptext in (("eval", "metrics of a checkpoint on the validation split or --data"),
+                           ("predict", "predictions of a checkpoint for --data, as CSV")):
+        p = sub.add_parser(name, help=helptext)
+        _recipe_args(p)
+        p.add_argument("--checkpoint", required=True,
+                       help="model.safetensors, a run directory or a checkpoint directory")
+        p.add_argument("--data", required=(name == "predict"),
+                       help="another data source (csv:PATH, ...) instead of the validation split")
+        p.add_argument("-o", "--output", help="output file (eval: JSON, predict: CSV)")
+        p.set_defaults(func=cmd_eval if name == "eval" else cmd_predict)
+    p = sub.add_parser("report", help="HTML report and PNG plots of run directories")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: _report(a.args))
+    p = sub.add_parser("schema", help="print the recipe reference (markdown)")
+    p.set_defaults(func=cmd_schema)
+    try:
+        from . import slurm_cli
+    except ImportError:
+        slurm_cli = None
+    if slurm_cli is not None:
+        slurm_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as err:
+        if is_main_rank():  # N ranks hit the same mistake; say it once
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_train(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from .train import EXIT_PREEMPTED, Preempted, train
+
+    try:
+        train(recipe, args.output_dir, restart=args.restart, allow_changed=args.allow_changed)
+    except Preempted:
+        return EXIT_PREEMPTED
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .inspect_recipe import check
+
+    print(check(args.recipe, args.overrides))
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from .inspect_recipe import summary
+
+    print(summary(args.recipe, args.overrides))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .predict import run_eval
+
+    return run_eval(args)
+
+
+def cmd_predict(args) -> int:
+    from .predict import run_predict
+
+    return run_predict(args)
+
+
+def _report(argv: list[str]) -> int:
+    from .report import main as report_main
+
+    return report_main(argv)
+
+
+def cmd_schema(args) -> int:
+    from .schema_doc import reference_markdown
+
+    print(reference_markdown())
+    return 0

@@ -1,0 +1,263 @@
+"""Data sources (through Hugging Face `datasets`) -> in-memory tensors -> whole-batch loaders.
+
+Tables that fit in memory become two tensors once; batches are then sliced with one indexing
+op (`__getitems__`) instead of per-row access + collation, which is 5-100x faster and keeps
+accelerate's sharding, seedable sampler and `gather_for_metrics` intact.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import UserError
+
+SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
+FILE_KINDS = ("csv", "parquet", "json")
+
+
+@dataclass
+class Table:
+    x: torch.Tensor  # float32 [N, *input_shape]
+    y: torch.Tensor  # int64 [N] (classification) or float32 [N] (regression)
+
+
+@dataclass
+class DataBundle:
+    train: Table
+    valid: Table | None
+    input_shape: tuple[int, ...]
+    classes: list | None  # label of each class index; None for regression
+    feature_names: list[str] = field(default_factory=list)
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 0
+
+
+class TensorRows(torch.utils.data.Dataset):
+    """Rows held as tensors; `__getitems__` lets DataLoader fetch a whole batch in one op."""
+
+    def __init__(self, table: Table) -> None:
+        self.x, self.y = table.x, table.y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return self.x[idx], self.y[idx]
+
+
+def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity collate: `__getitems__` already returns the stacked batch."""
+    return batch
+
+
+def make_loader(table: Table, batch_size: int, shuffle: bool, drop_last: bool):
+    return torch.utils.data.DataLoader(
+        TensorRows(table), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        collate_fn=whole_batch,
+    )
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataBundle:
+    """Load, encode, split and (optionally) standardise; identical on every rank."""
+    frame = load_source(cfg.source, cfg)
+    feats = cfg.features or [c for c in frame.column_names if c != cfg.target]
+    x_all, y_raw = _features(frame, feats, cfg), _column(frame, cfg.target, cfg.source)
+    valid = None
+    if cfg.valid_source:
+        vframe = load_source(cfg.valid_source, cfg)
+        valid = (_features(vframe, feats, cfg), _column(vframe, cfg.target, cfg.valid_source))
+    classes, y_all, keep = _encode_targets(y_raw, cfg, None if valid is None else valid[1])
+    x_all = x_all[keep]
+    if valid is not None:
+        _, vy, vkeep = _encode_targets(valid[1], cfg, None, classes)
+        train, vtab = Table(x_all, y_all), Table(valid[0][vkeep], vy)
+    else:
+        train, vtab = _split(Table(x_all, y_all), cfg.valid_fraction, cfg.split_seed or seed)
+    norm = None
+    if cfg.standardize:
+        norm = _fit_standardize(train.x)
+    return DataBundle(train, vtab, tuple(train.x.shape[1:]), classes, feats, norm)
+
+
+def _fit_standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-split statistics: per feature for tables, per channel for images (per-pixel
+    statistics would turn always-blank border pixels into huge values once images shift)."""
+    dims = (0, 2, 3) if x.dim() == 4 else (0,)
+    mean, std = x.mean(dims, keepdim=x.dim() == 4), x.std(dims, keepdim=x.dim() == 4)
+    if x.dim() == 4:
+        mean, std = mean[0], std[0]
+    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
+
+
+def load_source(source: str, cfg: DataConfig):
+    """A `datasets.Dataset` for one `kind:location` source string."""
+    kind, _, loc = source.partition(":")
+    if not loc:
+        raise UserError(f"data.source `{source}`: expected KIND:LOCATION, e.g. sklearn:digits, "
+                        "csv:data/train.csv, imagefolder:data/images.")
+    import datasets
+
+    datasets.disable_progress_bars()
+    if kind == "sklearn":
+        return _sklearn(loc, source)
+    if kind in FILE_KINDS:
+        if not Path(loc).is_file():
+            raise UserError(f"data.source `{source}`: file {loc} not found; check the path "
+                            "(relative paths are from the current directory).")
+        try:
+            return datasets.load_dataset(kind, data_files=loc, split="train")
+        except Exception as err:  # parse errors from pyarrow/pandas carry the useful detail
+            raise UserError(f"data.source `{source}`: cannot parse {loc} as {kind}: "
+                            f"{str(err).splitlines()[0][:200]}") from None
+    if kind == "disk":
+        return _from_disk(loc, cfg.split, source)
+    if kind == "imagefolder":
+        from .images import load_imagefolder
+
+        return load_imagefolder(loc, cfg, source)
+    if kind == "hub":
+        return datasets.load_dataset(loc, split=cfg.split)
+    close = difflib.get_close_matches(kind, ["sklearn", *FILE_KINDS, "disk", "imagefolder", "hub"])
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    raise UserError(f"data.source `{source}`: unknown kind `{kind}`.{hint} Use sklearn, csv, "
+                    "parquet, json, disk, imagefolder or hub.")
+
+
+def _sklearn(name: str, source: str):
+    if name not in SKLEARN_SETS:
+        raise UserError(f"data.source `{source}`: scikit-learn ships {', '.join(SKLEARN_SETS)}.")
+    import datasets
+    import sklearn.datasets
+
+    frame = getattr(sklearn.datasets, f"load_{name}")(as_frame=True).frame
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _from_disk(loc: str, split: str, source: str):
+    import datasets
+
+    if not Path(loc).is_dir():
+        raise UserError(f"data.source `{source}`: directory {loc} not found (expected the output "
+                        "of datasets' save_to_disk).")
+    ds = datasets.load_from_disk(loc)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"data.split `{split}`: {loc} has splits {list(ds)}.")
+        ds = ds[split]
+    return ds
+
+
+def _column(frame, name: str, source: str) -> np.ndarray:
+    if name not in frame.column_names:
+        close = difflib.get_close_matches(name, frame.column_names, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise UserError(f"column `{name}` not in {source}; {hint}columns: "
+                        f"{', '.join(frame.column_names[:20])}")
+    return np.asarray(frame[name])
+
+
+def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
+    if "__image__" in frame.column_names:  # imagefolder: already a pixel array
+        return torch.as_tensor(np.stack(frame["__image__"]), dtype=torch.float32)
+    cols = []
+    for name in names:
+        col = _column(frame, name, cfg.source)
+        if not np.issubdtype(col.dtype, np.number) and col.dtype != bool:
+            bad = next((i for i, v in enumerate(col) if not _is_number(v)), 0)
+            raise UserError(f"data.features: column `{name}` is not numeric (row {bad}: "
+                            f"{col[bad]!r}); encode it as numbers or leave it out of "
+                            "data.features.")
+        cols.append(col.astype(np.float32))
+    x = torch.from_numpy(np.stack(cols, axis=1)) if cols else torch.zeros(frame.num_rows, 0)
+    if torch.isnan(x).any():
+        row, colno = (int(v) for v in torch.nonzero(torch.isnan(x))[0])
+        raise UserError(f"data: feature `{names[colno]}` is missing/NaN in row {row}; "
+                        "clean the file or drop the column from data.features.")
+    if cfg.shape:
+        if int(np.prod(cfg.shape)) != x.shape[1]:
+            raise UserError(f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but "
+                            f"rows have {x.shape[1]} features.")
+        x = x.reshape(-1, *cfg.shape)
+    return x
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
+    """(classes, encoded targets, row mask) — label encoding, `data.classes` filtering, checks."""
+    keep = np.ones(len(y), dtype=bool)
+    if cfg.task == "regression":
+        yf = _numeric_target(y, cfg)
+        return None, torch.from_numpy(yf.astype(np.float32)), torch.from_numpy(keep)
+    if y.dtype.kind == "f":
+        if np.isnan(y).any():
+            raise UserError(f"data.target `{cfg.target}` is NaN in row {int(np.isnan(y).argmax())};"
+                            " every row needs a label.")
+        if np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+    if classes is None:
+        classes = _class_list(y, cfg, extra)
+    if cfg.classes is not None:
+        keep = np.isin(y, np.asarray(classes, dtype=y.dtype))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [(i, v) for i, v in enumerate(y.tolist()) if keep[i] and v not in index][:1]
+    if unknown:
+        row, val = unknown[0]
+        raise UserError(f"data.target `{cfg.target}`: row {row} has label {val!r} outside the "
+                        f"{len(classes)} classes {classes[:10]}; fix the label or data.num_classes.")
+    enc = np.fromiter((index[v] for v in y[keep].tolist()), dtype=np.int64, count=int(keep.sum()))
+    return classes, torch.from_numpy(enc), torch.from_numpy(keep)
+
+
+def _class_list(y: np.ndarray, cfg: DataConfig, extra) -> list:
+    if cfg.classes is not None:
+        return list(cfg.classes)
+    if cfg.num_classes and y.dtype.kind in "iu":
+        return list(range(cfg.num_classes))
+    seen = set(y.tolist()) | (set(extra.tolist()) if extra is not None else set())
+    classes = sorted(seen, key=lambda v: (str(type(v)), v))
+    want = 2 if cfg.task == "binary" else cfg.num_classes
+    if want and len(classes) != want:
+        raise UserError(f"data.target `{cfg.target}`: found {len(classes)} distinct labels "
+                        f"{classes[:10]} but the task needs {want}; check data.task/num_classes.")
+    if len(classes) < 2:
+        raise UserError(f"data.target `{cfg.target}`: only one label {classes}; need at least 2.")
+    return [c.item() if hasattr(c, "item") else c for c in classes]
+
+
+def _numeric_target(y: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    if y.dtype.kind not in "iuf":
+        raise UserError(f"data.target `{cfg.target}` is not numeric but data.task is regression.")
+    y = y.astype(np.float64)
+    if np.isnan(y).any():
+        raise UserError(f"data.target `{cfg.target}` is NaN in row {int(np.isnan(y).argmax())}.")
+    return y
+
+
+def _split(table: Table, fraction: float, seed: int) -> tuple[Table, Table | None]:
+    if fraction == 0:
+        return table, None
+    n = len(table.y)
+    n_valid = max(1, round(n * fraction))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    v, t = perm[:n_valid], perm[n_valid:]
+    return Table(table.x[t], table.y[t]), Table(table.x[v], table.y[v])

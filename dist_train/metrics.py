@@ -1,0 +1,52 @@
+"""torchmetrics by name, task-aware, fed with already-gathered tensors.
+
+Exactness across processes: evaluation gathers (outputs, targets) with accelerate's
+`gather_for_metrics`, which drops the samples the distributed sampler duplicated to even out
+the last batch; every rank then updates identical metric objects with `sync_on_compute=False`
+(torchmetrics' own sync would count those duplicates).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MetricSet:
+    def __init__(self, names: list[str], task: str, num_classes: int, device: torch.device):
+        import torchmetrics  # lazy: ~2 s of import time, not paid before the first evaluation
+
+        self.task = task
+        kw = {"sync_on_compute": False}
+        if task == "multiclass":
+            kw |= {"task": "multiclass", "num_classes": num_classes}
+        elif task == "binary":
+            kw |= {"task": "binary"}
+        makers = {
+            "accuracy": lambda: torchmetrics.Accuracy(**kw),
+            "precision": lambda: torchmetrics.Precision(**_avg(kw)),
+            "recall": lambda: torchmetrics.Recall(**_avg(kw)),
+            "f1": lambda: torchmetrics.F1Score(**_avg(kw)),
+            "auroc": lambda: torchmetrics.AUROC(**kw),
+            "confusion_matrix": lambda: torchmetrics.ConfusionMatrix(**kw),
+            "mse": lambda: torchmetrics.MeanSquaredError(sync_on_compute=False),
+            "mae": lambda: torchmetrics.MeanAbsoluteError(sync_on_compute=False),
+            "r2": lambda: torchmetrics.R2Score(sync_on_compute=False),
+        }
+        self.metrics = {name: makers[name]().to(device) for name in names}
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        """`scores`: probabilities for classification, predictions for regression."""
+        for metric in self.metrics.values():
+            metric.update(scores, targets)
+
+    def compute(self) -> dict[str, float | list]:
+        out: dict[str, float | list] = {}
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            out[name] = value.tolist() if value.numel() > 1 else float(value)
+            metric.reset()
+        return out
+
+
+def _avg(kw: dict) -> dict:
+    return kw | {"average": "macro"} if kw.get("task") == "multiclass" else kw

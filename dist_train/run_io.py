@@ -1,0 +1,150 @@
+"""Glue between the loop and the run directory: agree on it, log the plan, save, resume, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from . import checkpoint
+from .config import default_mode
+from .errors import UserError
+from .recipe import dump_yaml, recipe_hash, resolved
+from .runtime import from_main
+from .rundir import RunPlan, clear_for_new_run, plan_run_dir
+from .tracking import RunLog
+
+
+def agree_run_dir(accelerator, recipe, output_dir, restart: bool, allow_changed: bool) -> RunPlan:
+    """Rank 0 decides (timestamp, resume or refuse) and broadcasts; every rank then acts alike."""
+    plan = None
+    if accelerator.is_main_process:
+        plan = plan_run_dir(output_dir, recipe.name, resolved(recipe), restart, allow_changed)
+    plan = from_main(accelerator, plan)  # collective: all ranks get rank 0's plan
+    if plan.error:
+        raise UserError(plan.error)
+    run_dir = Path(plan.run_dir)
+    if accelerator.is_main_process:
+        if plan.notice:
+            print(plan.notice, flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not plan.resume_from:
+            clear_for_new_run(run_dir)
+        (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
+    accelerator.wait_for_everyone()  # the directory exists before any rank writes into it
+    return plan
+
+
+def configure_ddp(accelerator, model, data, head) -> None:
+    """Find trainable parameters that get no gradient (unused branches, a head the loss never
+    reaches): DDP then needs find_unused_parameters, else it fails with "Expected to have
+    finished reduction". Probed on a copy so batchnorm statistics stay untouched."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    probe = copy.deepcopy(model)
+    x, y = data.train.x[:2], data.train.y[:2]
+    head.loss_fn(probe(x), y).backward()
+    unused = [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        if accelerator.is_main_process:
+            print(f"note: {len(unused)} trainable parameters get no gradient ({unused[:3]}...); "
+                  "DDP runs with find_unused_parameters=True", flush=True)
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+
+
+def open_log(accelerator, run_dir: Path, recipe, run: RunPlan, state, total: int, plan,
+             model, notes: list[str]) -> RunLog:
+    log = RunLog(run_dir, accelerator.is_main_process, total, recipe.tracking,
+                 resolved(recipe), run_id=state.run_id)
+    state.run_id = log.run_id
+    if accelerator.is_main_process:
+        info = _run_info(accelerator, recipe, plan, total, model)
+        checkpoint.write_json_atomic(run_dir / "run.json", info | {"status": "running"})
+        log.info(_plan_text(info, run_dir))
+        for note in notes:
+            log.info(note)
+        if run.resume_from:
+            log.event("resume", step=state.step, epoch=state.epoch,
+                      world_size=accelerator.num_processes, previous=state.history)
+    return log
+
+
+def _run_info(accelerator, recipe, plan, total: int, model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    versions = {}
+    for pkg in ("torch", "accelerate", "datasets", "torchmetrics", "wandb"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    best = recipe.checkpoint.best
+    monitor = best.monitor if best else "valid/loss"
+    return {
+        "name": recipe.name, "recipe_hash": recipe_hash(recipe),
+        "world_size": accelerator.num_processes, "device": str(accelerator.device),
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "mixed_precision": accelerator.mixed_precision, "global_batch": plan.global_batch,
+        "per_device_batch": plan.per_device, "grad_accum": plan.grad_accum,
+        "total_steps": total, "trainable_params": trainable, "frozen_params": frozen,
+        "monitor": monitor, "mode": (best.mode if best else None) or default_mode(monitor),
+        "python": platform.python_version(), "versions": versions,
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _plan_text(info: dict, run_dir: Path) -> str:
+    return (
+        f"dist-train: {info['name']} -> {run_dir}\n"
+        f"  world size {info['world_size']} ({info['distributed_type']}, {info['device']}), "
+        f"precision {info['mixed_precision']}\n"
+        f"  batch {info['global_batch']} global = {info['per_device_batch']} per device x "
+        f"{info['world_size']} processes x {info['grad_accum']} accumulation; "
+        f"{info['total_steps']} optimizer steps\n"
+        f"  parameters {info['trainable_params']:,} trainable, {info['frozen_params']:,} frozen"
+    )
+
+
+def save(accelerator, run_dir: Path, recipe, state) -> Path:
+    """Collective: the synchronized, atomic full-state save (every rank, same step)."""
+    return checkpoint.save_checkpoint(accelerator, run_dir, asdict(state),
+                                      recipe.checkpoint.keep, state.best_step)
+
+
+def resume(accelerator, path: Path, state):
+    """Load model/optimizer/schedule/scaler/RNG through accelerate, then our JSON counters."""
+    saved = checkpoint.read_state(path)
+    accelerator.wait_for_everyone()  # the checkpoint was sealed before anyone loads it
+    accelerator.load_state(str(path))
+    for key, value in saved.items():
+        if hasattr(state, key):
+            setattr(state, key, value)
+    state.history = [*saved.get("history", []), saved.get("world_size", 1)]
+    if saved.get("world_size") != accelerator.num_processes and accelerator.is_main_process:
+        print(f"elastic resume: checkpoint from {saved.get('world_size')} processes, now "
+              f"{accelerator.num_processes}; continuing after {saved['step']} optimizer steps "
+              f"(global batch unchanged, so the same samples come next)", flush=True)
+    state.world_size = accelerator.num_processes
+    return state
+
+
+def export(accelerator, model, run_dir: Path, recipe, data, state, result: dict) -> None:
+    """model.safetensors from the unwrapped model (no `module.` prefix), then run.json done."""
+    accelerator.wait_for_everyone()  # all ranks finished their last step
+    if not accelerator.is_main_process:
+        return
+    net = accelerator.unwrap_model(model)
+    meta = {"recipe_hash": recipe_hash(recipe), "input_shape": json.dumps(list(data.input_shape)),
+            "classes": json.dumps(data.classes), "task": recipe.data.task,
+            "step": str(state.step)}
+    checkpoint.export_model(net.state_dict(), run_dir / "model.safetensors", meta)
+    info = json.loads((run_dir / "run.json").read_text())
+    info |= {"status": "finished", "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "steps": state.step, "best_value": state.best_value, "best_step": state.best_step,
+             "final": {k: v for k, v in result.items() if not isinstance(v, list)}}
+    checkpoint.write_json_atomic(run_dir / "run.json", info)
+    print(f"saved {run_dir / 'model.safetensors'}", flush=True)

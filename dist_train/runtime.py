@@ -1,0 +1,87 @@
+"""The one Accelerator, the batch plan, and rank-agreement helpers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from .config import Recipe
+from .errors import UserError
+
+
+def is_main_rank() -> bool:
+    """Before the process group exists: only global rank 0 prints (torchrun/accelerate set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def make_accelerator(recipe: Recipe):
+    """CPU-only machines get `cpu=True`, which makes a multi-process launch a gloo job of world
+    size N (without it, accelerate starts N silent world-size-1 jobs)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    precision = recipe.train.mixed_precision
+    if cpu and precision == "fp16":
+        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU (it relies on a gradient "
+                        "scaler and fp16 kernels); on a CPU use bf16 or \"no\".")
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=precision,
+        # Seedable sampler: the shuffle order depends only on (seed, epoch), never on the world
+        # size, which is what makes resume and elastic resume exact.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  data_seed=recipe.seed),
+        # Our schedule is stepped once per optimizer step (accelerate's wrapper would step it
+        # once per process).
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
+    )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    global_batch: int
+    grad_accum: int
+    per_device: int
+    eval_per_device: int
+
+
+def plan_batches(recipe: Recipe, world_size: int) -> BatchPlan:
+    """`train.batch_size` is global: per-device batch = batch_size / (world_size * grad_accum)."""
+    t = recipe.train
+    if t.batch_size % (world_size * t.grad_accum):
+        raise UserError(
+            f"train.batch_size: {t.batch_size} does not split evenly over {world_size} processes "
+            f"x grad_accum {t.grad_accum}; use a multiple of {world_size * t.grad_accum} or "
+            "another number of processes."
+        )
+    eval_global = recipe.data.eval_batch_size or t.batch_size
+    eval_per_device = max(1, -(-eval_global // world_size))
+    return BatchPlan(world_size, t.batch_size, t.grad_accum,
+                     t.batch_size // (world_size * t.grad_accum), eval_per_device)
+
+
+def agree_any(accelerator, flag: bool) -> bool:
+    """True on every rank if it is true on any rank (all-reduce max). Collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def from_main(accelerator, value):
+    """Rank 0's value on every rank (a decision made once, then broadcast). Collective."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

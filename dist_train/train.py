@@ -1,0 +1,256 @@
+"""Creates the one Accelerator, prepares everything, and runs the one readable training loop."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import build
+from .augment import augment_batch, augment_generator
+from .config import Recipe, default_mode
+from .data import make_loader
+from .errors import UserError
+from .evaluate import evaluate
+from .runtime import agree_any, from_main, make_accelerator, plan_batches
+from .run_io import agree_run_dir, configure_ddp, export, open_log, resume, save
+from .tracking import RunLog
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint saved; please requeue
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (as JSON) and restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps done inside `epoch`
+    world_size: int = 1
+    best_value: float | None = None
+    best_step: int | None = None
+    es_best: float | None = None  # best early-stopping monitor value so far
+    stale_evals: int = 0  # evaluations without improvement (early stopping)
+    run_id: str | None = None  # tracker run continued after resume
+    history: list = field(default_factory=list)  # world sizes this run has used
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 / Ctrl-C ask for a clean stop; the loop agrees on it across ranks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
+          allow_changed: bool = False) -> dict:
+    """Train a recipe; returns the final evaluation. Same numbers on 1 or N processes."""
+    accelerator = make_accelerator(recipe)
+    plan = plan_batches(recipe, accelerator.num_processes)
+    run = agree_run_dir(accelerator, recipe, output_dir, restart, allow_changed)
+    run_dir = Path(run.run_dir)
+    with accelerator.main_process_first():  # the datasets cache is written once, then reused
+        data = build.build_data(recipe)
+    head = build.make_head(recipe)
+    model = build.build_net(recipe, data, head)
+    from .finetune import prepare_finetune
+
+    notes = prepare_finetune(model, recipe.finetune, accelerator.is_main_process)
+    optimizer = build.build_optimizer(model, recipe.optimizer)
+    total = build.total_steps(recipe, len(data.train.y))
+    if total == 0:
+        raise UserError(f"train.batch_size {recipe.train.batch_size} is larger than the "
+                        f"{len(data.train.y)} training rows; lower it.")
+    scheduler = build.build_scheduler(optimizer, recipe.scheduler, total, recipe.optimizer.lr)
+    train_dl = make_loader(data.train, plan.per_device, shuffle=True, drop_last=True)
+    valid_dl = make_loader(data.valid, plan.eval_per_device, False, False) if data.valid else None
+    if accelerator.num_processes > 1:
+        configure_ddp(accelerator, model, data, head)
+    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl,
+                                                                scheduler)
+    valid_dl = accelerator.prepare(valid_dl) if valid_dl is not None else None
+    state = TrainState(world_size=accelerator.num_processes)
+    if run.resume_from:
+        state = resume(accelerator, Path(run.resume_from), state)
+    log = open_log(accelerator, run_dir, recipe, run, state, total, plan, model, notes)
+    try:
+        result = fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
+                     state, log, run_dir, total, data)
+    finally:
+        log.close()
+    return result
+
+
+def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
+        state: TrainState, log: RunLog, run_dir: Path, total: int, data) -> dict:
+    """The loop. Periodic work is an explicit `if` at an optimizer-step boundary."""
+    t, stop = recipe.train, StopFlag()
+    accum = t.grad_accum
+    per_epoch = build.steps_per_epoch(len(data.train.y), t.batch_size)
+    metrics = _metric_set(recipe, data, accelerator)
+    loss_sum = torch.zeros((), device=accelerator.device)  # on device: no sync per step
+    n_loss, tick, result = 0, time.perf_counter(), {}
+    finished = preempted = False
+    for epoch in range(state.epoch, t.epochs):
+        state.epoch = epoch
+        train_dl.set_epoch(epoch)  # seedable sampler: the order depends on (seed, epoch) only
+        skip = state.step_in_epoch * accum  # resume mid-epoch: micro-batches already trained
+        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        log.start_epoch(epoch, t.epochs, per_epoch, state.step_in_epoch)
+        for micro, (x, y) in enumerate(batches, start=skip):
+            if micro >= per_epoch * accum:
+                break  # tail shorter than one accumulation group: dropped (see drop_last)
+            if recipe.data.augment:
+                gen = augment_generator(recipe.seed, state.step, micro % accum,
+                                        accelerator.process_index)
+                x = augment_batch(x, recipe.data.augment, gen)
+            boundary = (micro + 1) % accum == 0
+            want_norm = boundary and (state.step + 1) % t.log_every_steps == 0
+            loss, norm = train_step(model, x, y, head, optimizer, accelerator, boundary,
+                                    accum, t.max_grad_norm, want_norm)
+            loss_sum += loss
+            n_loss += 1
+            if not boundary:
+                continue
+            scheduler.step()  # once per optimizer step: lr(k) is world-size independent
+            state.step += 1
+            state.step_in_epoch += 1
+            if state.step % t.log_every_steps == 0 or state.step == total:
+                tick = _log_train(accelerator, log, state, loss_sum, n_loss, norm, optimizer,
+                                  tick, t)
+                loss_sum.zero_()
+                n_loss = 0
+            else:
+                log.advance()
+            finished = state.step >= total
+            every = recipe.checkpoint.every_steps
+            if every and state.step % every == 0 and not finished:
+                save(accelerator, run_dir, recipe, state)
+            # Collective check every 10 steps (every step on one process): a signal that hit
+            # any rank stops all of them at the same step.
+            if accelerator.num_processes == 1 or state.step % 10 == 0:
+                if agree_any(accelerator, stop.requested):
+                    preempted = True
+            if finished or preempted:
+                break
+        log.end_epoch()
+        if preempted:
+            break
+        end_of_epoch = state.step_in_epoch >= per_epoch
+        if end_of_epoch:
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+        if valid_dl is not None and (finished or (epoch + 1) % t.eval_every_epochs == 0):
+            result = evaluate(model, valid_dl, head, metrics, accelerator)
+            scheduler.scheduler.observe(result)  # plateau: unwrap accelerate's wrapper
+            log.event("eval", epoch=epoch, step=state.step,
+                      samples=state.step * t.batch_size, **result)
+            log.info(_format_eval(epoch, result))
+            if _early_stop(accelerator, recipe, state, result):
+                log.info(f"early stopping: {t.early_stopping.monitor} did not improve for "
+                         f"{t.early_stopping.patience} evaluations")
+                finished = True
+        ce = recipe.checkpoint.every_epochs
+        if finished or (ce and end_of_epoch and (epoch + 1) % ce == 0):
+            save(accelerator, run_dir, recipe, state)
+        if finished:
+            break
+    if preempted:
+        save(accelerator, run_dir, recipe, state)
+        log.info(f"stopped by a signal at step {state.step}; checkpoint saved, "
+                 f"exit {EXIT_PREEMPTED} (requeue to resume)")
+        raise Preempted(state.step)
+    export(accelerator, model, run_dir, recipe, data, state, result)
+    return result
+
+
+class Preempted(Exception):
+    """Raised after the synchronized save; the CLI exits with EXIT_PREEMPTED."""
+
+
+def train_step(model, x, y, head, optimizer, accelerator, boundary: bool, accum: int,
+               max_grad_norm: float | None, want_norm: bool):
+    """One micro-batch: forward, backward (DDP all-reduce only on the accumulation boundary),
+    and on the boundary clip + optimizer step. Returns the un-scaled loss on device."""
+    if boundary:
+        out = model(x)
+        loss = head.loss_fn(out, y)
+        accelerator.backward(loss / accum)
+    else:
+        with accelerator.no_sync(model):  # skip the gradient all-reduce until the boundary
+            out = model(x)
+            loss = head.loss_fn(out, y)
+            accelerator.backward(loss / accum)
+        return loss.detach(), None
+    norm = None
+    if max_grad_norm:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    elif want_norm:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), norm
+
+
+def _log_train(accelerator, log, state, loss_sum, n_loss, norm, optimizer, tick, t) -> float:
+    # Collective at the log interval (same step on every rank): the mean loss over all ranks.
+    loss = accelerator.reduce(loss_sum / max(n_loss, 1), reduction="mean")
+    now = time.perf_counter()
+    steps = t.log_every_steps if state.step % t.log_every_steps == 0 else max(state.step % t.log_every_steps, 1)
+    fields = {"train/loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+              "samples_per_s": steps * t.batch_size / max(now - tick, 1e-9),
+              "step_time": (now - tick) / steps}
+    if norm is not None:
+        fields["grad_norm"] = float(norm)
+    log.event("train", epoch=state.epoch, step=state.step, samples=state.step * t.batch_size,
+              **fields)
+    log.advance({"loss": f"{fields['train/loss']:.4f}", "lr": f"{fields['lr']:.2e}",
+                 "samples/s": f"{fields['samples_per_s']:.0f}"})
+    return now
+
+
+def _format_eval(epoch: int, result: dict) -> str:
+    parts = [f"{k.removeprefix('valid/')} {v:.4f}" for k, v in result.items()
+             if isinstance(v, float)]
+    return f"epoch {epoch + 1} valid: " + "  ".join(parts) + f"  (rows {result['valid/rows']})"
+
+
+def _metric_set(recipe: Recipe, data, accelerator):
+    if not recipe.metrics or data.valid is None:
+        return None
+    from .metrics import MetricSet
+
+    return MetricSet(recipe.metrics, recipe.data.task, data.num_classes, accelerator.device)
+
+
+def _early_stop(accelerator, recipe: Recipe, state: TrainState, result: dict) -> bool:
+    """Best-checkpoint and early-stopping bookkeeping; the stop decision is made on rank 0 and
+    broadcast so every rank leaves the loop at the same step."""
+    best = recipe.checkpoint.best
+    monitor = best.monitor if best else "valid/loss"
+    if _better(result.get(monitor), state.best_value, (best and best.mode) or
+               default_mode(monitor), 0.0):
+        state.best_value, state.best_step = result[monitor], state.step
+    es = recipe.train.early_stopping
+    if es is None:
+        return False
+    if _better(result.get(es.monitor), state.es_best, es.mode or default_mode(es.monitor),
+               es.min_delta):
+        state.es_best, state.stale_evals = result[es.monitor], 0
+    else:
+        state.stale_evals += 1
+    return from_main(accelerator, state.stale_evals >= es.patience)
+
+
+def _better(value, best, mode: str, delta: float) -> bool:
+    if value is None:
+        return False
+    return best is None or (value < best - delta if mode == "min" else value > best + delta)
