@@ -41,9 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="another data source (csv:PATH, ...) instead of the validation split")
         p.add_argument("-o", "--output", help="output file (eval: JSON, predict: CSV)")
         p.set_defaults(func=cmd_eval if name == "eval" else cmd_predict)
-    p = sub.add_parser("report", help="HTML report and PNG plots of run directories")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: _report(a.args))
+    sub.add_parser("report", help="HTML report and PNG plots of run directories",
+                   add_help=False)  # its own parser lives in report.py
     p = sub.add_parser("schema", help="print the recipe reference (markdown)")
     p.set_defaults(func=cmd_schema)
     try:
@@ -56,8 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["report"]:
+            return _report(argv[1:])
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # Overrides may also come after flags (`train R.yaml -o DIR a.b=1`).
+        if extra and hasattr(args, "overrides") and all("=" in e or e.startswith("~")
+                                                        for e in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args) or 0
     except UserError as err:
         if is_main_rank():  # N ranks hit the same mistake; say it once

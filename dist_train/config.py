@@ -273,10 +273,10 @@ class TrackingConfig(Strict):
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name")
     seed: int = Field(0, description="seeds init, dropout, split, shuffling and augmentation")
-    data: DataConfig
-    model: ModelConfig
-    loss: LossConfig
-    optimizer: OptimizerConfig
+    data: DataConfig = Field(description="where rows come from and how they are prepared")
+    model: ModelConfig = Field(description="the network")
+    loss: LossConfig = Field(description="loss name (string) or mapping with options")
+    optimizer: OptimizerConfig = Field(description="optimizer and its hyperparameters")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="lr schedule")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
     metrics: list[str] = Field(default_factory=list, description="validation metrics by name")

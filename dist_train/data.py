@@ -77,7 +77,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     x_all, y_raw = _features(frame, feats, cfg), _column(frame, cfg.target, cfg.source)
     valid = None
     if cfg.valid_source:
-        vframe = load_source(cfg.valid_source, cfg)
+        vframe = load_source(cfg.valid_source, cfg, key="data.valid_source")
         valid = (_features(vframe, feats, cfg), _column(vframe, cfg.target, cfg.valid_source))
     classes, y_all, keep = _encode_targets(y_raw, cfg, None if valid is None else valid[1])
     x_all = x_all[keep]
@@ -102,43 +102,43 @@ def _fit_standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
 
 
-def load_source(source: str, cfg: DataConfig):
-    """A `datasets.Dataset` for one `kind:location` source string."""
+def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
+    """A `datasets.Dataset` for one `kind:location` source string (`key` names it in errors)."""
     kind, _, loc = source.partition(":")
     if not loc:
-        raise UserError(f"data.source `{source}`: expected KIND:LOCATION, e.g. sklearn:digits, "
+        raise UserError(f"{key} `{source}`: expected KIND:LOCATION, e.g. sklearn:digits, "
                         "csv:data/train.csv, imagefolder:data/images.")
     import datasets
 
     datasets.disable_progress_bars()
     if kind == "sklearn":
-        return _sklearn(loc, source)
+        return _sklearn(loc, f"{key} `{source}`")
     if kind in FILE_KINDS:
         if not Path(loc).is_file():
-            raise UserError(f"data.source `{source}`: file {loc} not found; check the path "
+            raise UserError(f"{key} `{source}`: file {loc} not found; check the path "
                             "(relative paths are from the current directory).")
         try:
             return datasets.load_dataset(kind, data_files=loc, split="train")
         except Exception as err:  # parse errors from pyarrow/pandas carry the useful detail
-            raise UserError(f"data.source `{source}`: cannot parse {loc} as {kind}: "
+            raise UserError(f"{key} `{source}`: cannot parse {loc} as {kind}: "
                             f"{str(err).splitlines()[0][:200]}") from None
     if kind == "disk":
-        return _from_disk(loc, cfg.split, source)
+        return _from_disk(loc, cfg.split, f"{key} `{source}`")
     if kind == "imagefolder":
         from .images import load_imagefolder
 
-        return load_imagefolder(loc, cfg, source)
+        return load_imagefolder(loc, cfg, f"{key} `{source}`")
     if kind == "hub":
         return datasets.load_dataset(loc, split=cfg.split)
     close = difflib.get_close_matches(kind, ["sklearn", *FILE_KINDS, "disk", "imagefolder", "hub"])
     hint = f" Did you mean `{close[0]}`?" if close else ""
-    raise UserError(f"data.source `{source}`: unknown kind `{kind}`.{hint} Use sklearn, csv, "
+    raise UserError(f"{key} `{source}`: unknown kind `{kind}`.{hint} Use sklearn, csv, "
                     "parquet, json, disk, imagefolder or hub.")
 
 
 def _sklearn(name: str, source: str):
     if name not in SKLEARN_SETS:
-        raise UserError(f"data.source `{source}`: scikit-learn ships {', '.join(SKLEARN_SETS)}.")
+        raise UserError(f"{source}: scikit-learn ships {', '.join(SKLEARN_SETS)}.")
     import datasets
     import sklearn.datasets
 
@@ -150,7 +150,7 @@ def _from_disk(loc: str, split: str, source: str):
     import datasets
 
     if not Path(loc).is_dir():
-        raise UserError(f"data.source `{source}`: directory {loc} not found (expected the output "
+        raise UserError(f"{source}: directory {loc} not found (expected the output "
                         "of datasets' save_to_disk).")
     ds = datasets.load_from_disk(loc)
     if isinstance(ds, datasets.DatasetDict):
@@ -261,3 +261,18 @@ def _split(table: Table, fraction: float, seed: int) -> tuple[Table, Table | Non
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     v, t = perm[:n_valid], perm[n_valid:]
     return Table(table.x[t], table.y[t]), Table(table.x[v], table.y[v])
+
+
+def load_table(source: str, cfg: DataConfig, classes: list | None, feature_names: list[str],
+               require_target: bool = True) -> tuple[Table, bool]:
+    """Another file with the recipe's columns and class encoding (eval/predict `--data`).
+    Returns the table and whether it had targets (predict accepts files without them)."""
+    frame = load_source(source, cfg, key="--data")
+    x = _features(frame, feature_names, cfg.model_copy(update={"source": source}))
+    if cfg.target not in frame.column_names and not require_target:
+        return Table(x, torch.zeros(len(x), dtype=torch.int64)), False
+    y_raw = _column(frame, cfg.target, source)
+    if cfg.task == "regression":
+        return Table(x, torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))), True
+    _, y, keep = _encode_targets(y_raw, cfg, None, classes)
+    return Table(x[keep], y), True

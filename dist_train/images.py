@@ -30,7 +30,7 @@ def load_imagefolder(root: str, cfg: DataConfig, source: str) -> MemoryFrame:
     from PIL import Image, UnidentifiedImageError
 
     if not Path(root).is_dir():
-        raise UserError(f"data.source `{source}`: directory {root} not found.")
+        raise UserError(f"{source}: directory {root} not found.")
     ds = datasets.load_dataset("imagefolder", data_dir=root, split=cfg.split)
     names = ds.features["label"].names if "label" in ds.features else None
     ds = ds.cast_column("image", datasets.Image(decode=False))
@@ -42,7 +42,7 @@ def load_imagefolder(root: str, cfg: DataConfig, source: str) -> MemoryFrame:
             img = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
             img = img.convert(mode)
         except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"data.source `{source}`: cannot read image {where} ({err}); "
+            raise UserError(f"{source}: cannot read image {where} ({err}); "
                             "remove or replace the file.") from None
         if size is None:
             size = (img.height, img.width)

