@@ -47,10 +47,20 @@ def _layer(raw: object) -> LayerSpec:
         return LayerSpec(kind=name, args=args_model(**kwargs))
     except ValidationError as err:
         # Re-raised as a plain message so the recipe error names the layer and the argument.
-        first = err.errors()[0]
+        # A misspelt argument comes first: its "field required" twin would hide the typo.
+        errors = err.errors()
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         arg = ".".join(str(p) for p in first["loc"]) or "arguments"
         known = ", ".join(args_model.model_fields) or "none"
-        raise ValueError(f"`{name}` argument `{arg}`: {first['msg']} (arguments: {known})") from None
+        if first["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(arg, list(args_model.model_fields), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ValueError(f"`{name}` argument `{arg}`: unknown argument{hint} "
+                             f"(arguments: {known})") from None
+        shown = "input" in first and first["type"] != "missing"
+        got = f" (got {first['input']!r})" if shown else ""
+        raise ValueError(f"`{name}` argument `{arg}`: {first['msg']}{got} "
+                         f"(arguments: {known})") from None
 
 
 Layer = Annotated[LayerSpec, BeforeValidator(_layer)]

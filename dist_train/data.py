@@ -63,10 +63,12 @@ def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch
 
 
-def make_loader(table: Table, batch_size: int, shuffle: bool, drop_last: bool):
+def make_loader(table: Table, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0):
+    # An own generator: DataLoader otherwise draws its worker base seed from the GLOBAL RNG
+    # each time an epoch's iterator is created, shifting dropout masks after a mid-epoch resume.
     return torch.utils.data.DataLoader(
         TensorRows(table), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-        collate_fn=whole_batch,
+        collate_fn=whole_batch, generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -85,7 +87,8 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         _, vy, vkeep = _encode_targets(valid[1], cfg, None, classes)
         train, vtab = Table(x_all, y_all), Table(valid[0][vkeep], vy)
     else:
-        train, vtab = _split(Table(x_all, y_all), cfg.valid_fraction, cfg.split_seed or seed)
+        train, vtab = _split(Table(x_all, y_all), cfg.valid_fraction,
+                             seed if cfg.split_seed is None else cfg.split_seed)
     norm = None
     if cfg.standardize:
         norm = _fit_standardize(train.x)
@@ -166,7 +169,13 @@ def _column(frame, name: str, source: str) -> np.ndarray:
         hint = f"did you mean `{close[0]}`? " if close else ""
         raise UserError(f"column `{name}` not in {source}; {hint}columns: "
                         f"{', '.join(frame.column_names[:20])}")
-    return np.asarray(frame[name])
+    col = np.asarray(frame[name])
+    if col.dtype == object and any(v is None for v in col) and all(
+            v is None or _is_number(v) for v in col):
+        # Empty cells arrive as None (an object array): numbers with NaN, so the missing-value
+        # checks name the row instead of calling the column non-numeric or None a class.
+        col = np.array([np.nan if v is None else v for v in col], dtype=np.float64)
+    return col
 
 
 def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
@@ -177,8 +186,9 @@ def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
         col = _column(frame, name, cfg.source)
         if not np.issubdtype(col.dtype, np.number) and col.dtype != bool:
             bad = next((i for i, v in enumerate(col) if not _is_number(v)), 0)
+            value = col[bad].item() if isinstance(col[bad], np.generic) else col[bad]
             raise UserError(f"data.features: column `{name}` is not numeric (row {bad}: "
-                            f"{col[bad]!r}); encode it as numbers or leave it out of "
+                            f"{value!r}); encode it as numbers or leave it out of "
                             "data.features.")
         cols.append(col.astype(np.float32))
     x = torch.from_numpy(np.stack(cols, axis=1)) if cols else torch.zeros(frame.num_rows, 0)
@@ -205,6 +215,10 @@ def _is_number(v) -> bool:
 def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
     """(classes, encoded targets, row mask) — label encoding, `data.classes` filtering, checks."""
     keep = np.ones(len(y), dtype=bool)
+    missing = [i for i, v in enumerate(y.tolist()) if v is None][:1] if y.dtype == object else []
+    if missing:
+        raise UserError(f"data.target `{cfg.target}` is missing in row {missing[0]}; every row "
+                        "needs a label.")
     if cfg.task == "regression":
         yf = _numeric_target(y, cfg)
         return None, torch.from_numpy(yf.astype(np.float32)), torch.from_numpy(keep)

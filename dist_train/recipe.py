@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,21 @@ from pydantic import BaseModel, ValidationError
 
 from .config import Recipe
 from .errors import UserError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; recipes mean the float, as in YAML 1.2."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -34,7 +50,7 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found; pass the path of a .yaml recipe.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _yaml_load(path.read_text())
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -73,7 +89,7 @@ def apply_override(raw: dict, item: str) -> None:
         del node[int(last) if isinstance(node, list) else last]
         return
     try:
-        parsed = yaml.safe_load(value) if value else ""
+        parsed = _yaml_load(value) if value else ""
     except yaml.YAMLError:
         raise UserError(f"override `{item}`: the value is not valid YAML; quote it.") from None
     if isinstance(node, list):
@@ -101,8 +117,10 @@ def validate(raw: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors()[:6]]
-        more = len(err.errors()) - len(lines)
+        # Misspelt keys first: their "required key is missing" twin would hide the typo.
+        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        lines = [_describe(e) for e in errors[:6]]
+        more = len(errors) - len(lines)
         tail = f"\n  (and {more} more)" if more > 0 else ""
         raise UserError(f"{source}: invalid recipe:\n  - " + "\n  - ".join(lines) + tail) from None
 

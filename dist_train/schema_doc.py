@@ -35,10 +35,14 @@ def _type_name(annotation: Any) -> str:
 def _default(field) -> str:
     if field.default is not PydanticUndefined:
         value = field.default
+        if isinstance(value, bool):  # as written in YAML
+            return f"`{str(value).lower()}`"
         return "" if value is None else f"`{value!r}`".replace("'", "")
     if field.default_factory is not None:
         made = field.default_factory()
-        return "`[]`" if made == [] else "(section defaults)"
+        if made == [] or made == {}:
+            return f"`{made!r}`"
+        return "(section defaults)"
     return "**required**"
 
 

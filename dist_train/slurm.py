@@ -200,15 +200,10 @@ def render_sbatch(
     accelerate launcher per node), cpu (torchrun, `num_processes` ranks).
     `env` adds exports (e.g. DIST_TRAIN_REQUEUE_START_NOW=1 on test clusters).
     """
-    preflight(
-        kind,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        num_processes=num_processes,
-        time=time,
-        grace_s=grace_s,
-        run_dir=run_dir,
-    )
+    # fmt: off
+    preflight(kind, nodes=nodes, gpus_per_node=gpus_per_node, num_processes=num_processes,
+              time=time, grace_s=grace_s, run_dir=run_dir)
+    # fmt: on
     train = f'-m {_q(module)} train "$RECIPE" -o "$RUN_DIR" {_join(overrides)}'
     values = {
         "job_name": re.sub(r"[^\w.-]", "_", job_name) or "dist_train",

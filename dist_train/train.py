@@ -54,6 +54,11 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
           allow_changed: bool = False) -> dict:
     """Train a recipe; returns the final evaluation. Same numbers on 1 or N processes."""
     accelerator = make_accelerator(recipe)
+    from accelerate.utils import set_seed
+
+    # Dropout & co. draw from the global RNGs: seeded per rank (distinct masks on each rank),
+    # so a rerun is bitwise identical; a resume restores them from the checkpoint.
+    set_seed(recipe.seed, device_specific=True)
     plan = plan_batches(recipe, accelerator.num_processes)
     run = agree_run_dir(accelerator, recipe, output_dir, restart, allow_changed)
     run_dir = Path(run.run_dir)
@@ -70,7 +75,7 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
         raise UserError(f"train.batch_size {recipe.train.batch_size} is larger than the "
                         f"{len(data.train.y)} training rows; lower it.")
     scheduler = build.build_scheduler(optimizer, recipe.scheduler, total, recipe.optimizer.lr)
-    train_dl = make_loader(data.train, plan.per_device, shuffle=True, drop_last=True)
+    train_dl = make_loader(data.train, plan.per_device, True, True, seed=recipe.seed)
     valid_dl = make_loader(data.valid, plan.eval_per_device, False, False) if data.valid else None
     if accelerator.num_processes > 1:
         configure_ddp(accelerator, model, data, head)
@@ -103,7 +108,12 @@ def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_
         state.epoch = epoch
         train_dl.set_epoch(epoch)  # seedable sampler: the order depends on (seed, epoch) only
         skip = state.step_in_epoch * accum  # resume mid-epoch: micro-batches already trained
-        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        batches = train_dl
+        if skip:
+            batches = accelerator.skip_first_batches(train_dl, skip)
+            # The new loader's __iter__ calls set_epoch(its own iteration count, 0): without
+            # this it would replay epoch 0's order instead of this epoch's.
+            batches.set_epoch(epoch)
         log.start_epoch(epoch, t.epochs, per_epoch, state.step_in_epoch)
         for micro, (x, y) in enumerate(batches, start=skip):
             if micro >= per_epoch * accum:
@@ -163,12 +173,24 @@ def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_
         if finished:
             break
     if preempted:
-        save(accelerator, run_dir, recipe, state)
+        save(accelerator, run_dir, recipe, state)  # collective: every rank, same step
+        _ask_for_requeue(accelerator)
         log.info(f"stopped by a signal at step {state.step}; checkpoint saved, "
-                 f"exit {EXIT_PREEMPTED} (requeue to resume)")
+                 f"exit {EXIT_PREEMPTED} (run the same command again to resume)")
         raise Preempted(state.step)
     export(accelerator, model, run_dir, recipe, data, state, result)
     return result
+
+
+def _ask_for_requeue(accelerator) -> None:
+    """Launchers turn a rank's exit 75 into 1, so the SLURM job script also looks for this file
+    (its path is in DIST_TRAIN_REQUEUE_FILE) to know the stop was a clean, saved preemption."""
+    import os
+
+    marker = os.environ.get("DIST_TRAIN_REQUEUE_FILE")
+    if marker and accelerator.is_main_process:
+        Path(marker).write_text("saved\n")
+    accelerator.wait_for_everyone()  # no rank exits before the marker exists
 
 
 class Preempted(Exception):
