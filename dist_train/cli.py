@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
-from .runtime import is_main_rank
+from .errors import UserError, is_main_rank
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:

@@ -280,6 +280,36 @@ class TrackingConfig(Strict):
     tensorboard: bool = Field(False, description="write TensorBoard events to RUN_DIR/tensorboard")
 
 
+class SlurmConfig(Strict):
+    """Defaults for `dist-train submit` (flags on the command line win)."""
+
+    nodes: int = Field(1, ge=1, description="nodes to allocate (multi_node when > 1)")
+    gpus_per_node: int = Field(
+        0, ge=0, description="GPUs per node, one process each (0: a CPU job)"
+    )
+    processes: int | None = Field(
+        None, ge=1, description="CPU jobs only: processes (gloo ranks) on the node"
+    )
+    time: str = Field(
+        "01:00:00", pattern=r"^(\d+-)?\d{1,2}:[0-5]\d:[0-5]\d$",
+        description="time limit, HH:MM:SS or D-HH:MM:SS",
+    )
+    partition: str | None = Field(None, description="SLURM partition (default: the site's)")
+    grace_s: int = Field(
+        120, ge=0, description="seconds before the time limit when USR1 asks for a checkpoint"
+    )
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node-level task")
+    extra_sbatch: list[str] = Field(
+        default_factory=list, description="extra sbatch options, e.g. --account=abc, --qos=high"
+    )
+    ifname: str | None = Field(
+        None, description="network interface for NCCL/gloo (NCCL/GLOO_SOCKET_IFNAME), e.g. ib0"
+    )
+    rdzv_timeout_s: int = Field(
+        900, ge=1, description="multi-node: seconds the nodes wait for each other at start"
+    )
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name")
     seed: int = Field(0, description="seeds init, dropout, split, shuffling and augmentation")
@@ -295,6 +325,9 @@ class Recipe(Strict):
     )
     finetune: FinetuneConfig | None = Field(None, description="start from pretrained weights")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="trackers")
+    slurm: SlurmConfig | None = Field(
+        None, description="defaults for `dist-train submit` (SLURM batch jobs)"
+    )
 
     @model_validator(mode="after")
     def _semantics(self) -> Recipe:

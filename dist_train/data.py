@@ -50,15 +50,17 @@ class TensorRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i], torch.tensor(i)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """(features, targets, row indices): the indices let predict keep the input order and
+        the sample audit record exactly which rows each step trained on."""
         idx = torch.as_tensor(indices)
-        return self.x[idx], self.y[idx]
+        return self.x[idx], self.y[idx], idx
 
 
-def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Identity collate: `__getitems__` already returns the stacked batch."""
     return batch
 

@@ -9,7 +9,7 @@ from .metrics import MetricSet
 
 
 def gathered_outputs(model, loader, accelerator):
-    """Yield (outputs, targets) batches gathered from every rank in dataset order.
+    """Yield (outputs, targets, row indices) batches gathered from every rank in dataset order.
 
     Collective: every rank iterates the same number of batches. `gather_for_metrics` drops the
     duplicates the sampler added to even out the last batch, so the union is exactly the rows.
@@ -19,9 +19,9 @@ def gathered_outputs(model, loader, accelerator):
     net.eval()
     try:
         with torch.inference_mode():
-            for x, y in loader:
+            for x, y, idx in loader:
                 out = net(x)
-                yield accelerator.gather_for_metrics((out, y))
+                yield accelerator.gather_for_metrics((out, y, idx))
     finally:
         net.train(was_training)
 
@@ -30,7 +30,7 @@ def evaluate(model, loader, head: Head, metrics: MetricSet | None, accelerator) 
     """`valid/loss` averaged over samples (not batches) plus every metric; equal on all ranks."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = 0
-    for out, y in gathered_outputs(model, loader, accelerator):
+    for out, y, _ in gathered_outputs(model, loader, accelerator):
         loss_sum += head.loss_fn(out.float(), y, reduction="sum").double()
         count += len(y)
         if metrics is not None:

@@ -80,9 +80,10 @@ def run_eval(args) -> int:
 def run_predict(args) -> int:
     recipe, data, head, model, loader, accelerator, table, has_target = _setup(args, False)
     rows: list[list] = []
-    for out, y in gathered_outputs(model, loader, accelerator):
+    for out, y, idx in gathered_outputs(model, loader, accelerator):
         scores = head.scores(out).cpu()
-        rows += _rows(recipe.data.task, data.classes, scores, y.cpu() if has_target else None)
+        preds = _rows(recipe.data.task, data.classes, scores, y.cpu() if has_target else None)
+        rows += [[int(i), *r] for i, r in zip(idx.tolist(), preds)]
     if accelerator.is_main_process:
         header = ["row", "prediction"]
         if data.classes:
@@ -93,7 +94,7 @@ def run_predict(args) -> int:
         with open(out, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(header)
-            writer.writerows([i, *r] for i, r in enumerate(rows))
+            writer.writerows(sorted(rows))  # gathered in input order already; sort is a guard
         print(f"wrote {len(rows)} predictions to {out}")
     return 0
 

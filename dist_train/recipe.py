@@ -142,6 +142,10 @@ def _describe(error: dict) -> str:
         return text if not path or ":" in text.split(" ")[0] else f"{path}: {text}"
     got = error.get("input")
     shown = f" (got {json.dumps(got, default=str)[:60]})" if not isinstance(got, dict) else ""
+    if kind == "literal_error" and isinstance(got, str):
+        choices = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+        close = difflib.get_close_matches(got, choices, n=1)
+        shown += f"; did you mean `{close[0]}`?" if close else ""
     return f"{path}: {msg}{shown}"
 
 

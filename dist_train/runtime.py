@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -10,11 +9,6 @@ import torch
 
 from .config import Recipe
 from .errors import UserError
-
-
-def is_main_rank() -> bool:
-    """Before the process group exists: only global rank 0 prints (torchrun/accelerate set RANK)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def make_accelerator(recipe: Recipe):

@@ -95,6 +95,17 @@ def preflight(
         )
     if kind == "cpu" and num_processes is not None and num_processes < 1:
         raise ValueError(f"--processes {num_processes} must be at least 1 for --kind cpu.")
+    if kind == "cpu" and gpus_per_node > 0:
+        raise ValueError(
+            f"--kind cpu with --gpus-per-node {gpus_per_node} would leave the GPUs idle; use "
+            f"--kind single_node (or multi_node), or --gpus-per-node 0 for a CPU job."
+        )
+    if kind != "cpu" and num_processes is not None and num_processes != nodes * gpus_per_node:
+        raise ValueError(
+            f"--processes {num_processes} does not match --nodes {nodes} x --gpus-per-node "
+            f"{gpus_per_node} = {nodes * gpus_per_node}: GPU jobs run one process per GPU; drop "
+            f"--processes (it is for --kind cpu) or change --gpus-per-node."
+        )
     seconds = time_to_seconds(time)
     if grace_s < 0 or grace_s >= seconds:
         raise ValueError(
@@ -106,13 +117,15 @@ def preflight(
             f"--output {run_dir!s} contains whitespace, a quote, '$', '%' or a backslash; "
             f"#SBATCH --output cannot carry it. Choose a plain path."
         )
-    world = nodes * (num_processes or 1) if kind == "cpu" else nodes * gpus_per_node
-    _check_batch(global_batch, grad_accum, world, nodes, gpus_per_node)
+    if kind == "cpu":
+        world, flags = num_processes or 1, f"--processes {num_processes or 1}"
+    else:
+        world = nodes * gpus_per_node
+        flags = f"--nodes {nodes} x --gpus-per-node {gpus_per_node}"
+    _check_batch(global_batch, grad_accum, world, flags)
 
 
-def _check_batch(
-    global_batch: int | None, grad_accum: int, world: int, nodes: int, gpus: int
-) -> None:
+def _check_batch(global_batch: int | None, grad_accum: int, world: int, flags: str) -> None:
     """The global batch must split evenly over processes and accumulation steps."""
     if grad_accum < 1:
         raise ValueError(f"train.grad_accum {grad_accum} must be at least 1; fix the recipe.")
@@ -121,7 +134,7 @@ def _check_batch(
     if global_batch % (world * grad_accum):
         raise ValueError(
             f"train.batch_size {global_batch} (global) is not divisible by {world} processes "
-            f"(--nodes {nodes} x --gpus-per-node {gpus}) x train.grad_accum {grad_accum}; "
+            f"({flags}) x train.grad_accum {grad_accum}; "
             f"choose a batch size that is a multiple of {world * grad_accum} or change the "
             f"process count."
         )

@@ -86,16 +86,19 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     if run.resume_from:
         state = resume(accelerator, Path(run.resume_from), state)
     log = open_log(accelerator, run_dir, recipe, run, state, total, plan, model, notes)
+    audit = _open_audit(run_dir, accelerator.process_index)
     try:
         result = fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
-                     state, log, run_dir, total, data)
+                     state, log, run_dir, total, data, audit)
     finally:
         log.close()
+        if audit is not None:
+            audit.close()
     return result
 
 
 def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
-        state: TrainState, log: RunLog, run_dir: Path, total: int, data) -> dict:
+        state: TrainState, log: RunLog, run_dir: Path, total: int, data, audit=None) -> dict:
     """The loop. Periodic work is an explicit `if` at an optimizer-step boundary."""
     t, stop = recipe.train, StopFlag()
     accum = t.grad_accum
@@ -115,9 +118,11 @@ def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_
             # this it would replay epoch 0's order instead of this epoch's.
             batches.set_epoch(epoch)
         log.start_epoch(epoch, t.epochs, per_epoch, state.step_in_epoch)
-        for micro, (x, y) in enumerate(batches, start=skip):
+        for micro, (x, y, idx) in enumerate(batches, start=skip):
             if micro >= per_epoch * accum:
                 break  # tail shorter than one accumulation group: dropped (see drop_last)
+            if audit is not None:
+                audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
             if recipe.data.augment:
                 gen = augment_generator(recipe.seed, state.step, micro % accum,
                                         accelerator.process_index)
@@ -180,6 +185,17 @@ def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_
         raise Preempted(state.step)
     export(accelerator, model, run_dir, recipe, data, state, result)
     return result
+
+
+def _open_audit(run_dir: Path, rank: int):
+    """DIST_TRAIN_AUDIT_SAMPLES=1: each rank appends `epoch step row,row,...` per micro-batch to
+    RUN_DIR/samples/rank-R.log, to check exactly which rows trained (resume, elastic resume)."""
+    import os
+
+    if os.environ.get("DIST_TRAIN_AUDIT_SAMPLES") != "1":
+        return None
+    (run_dir / "samples").mkdir(exist_ok=True)
+    return open(run_dir / "samples" / f"rank-{rank}.log", "a", buffering=1)
 
 
 def _ask_for_requeue(accelerator) -> None:

@@ -23,12 +23,14 @@ def cfg(source: str, **kw) -> DataConfig:
 @pytest.fixture
 def frame() -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    return pd.DataFrame({
-        "row": np.arange(N, dtype=np.float64),  # identifies each row after the split
-        "f1": rng.normal(3.0, 2.0, N),
-        "f2": rng.uniform(-1, 5, N),
-        "target": np.arange(N) % 3,
-    })
+    return pd.DataFrame(
+        {
+            "row": np.arange(N, dtype=np.float64),  # identifies each row after the split
+            "f1": rng.normal(3.0, 2.0, N),
+            "f2": rng.uniform(-1, 5, N),
+            "target": np.arange(N) % 3,
+        }
+    )
 
 
 def _check_table(bundle, frame: pd.DataFrame) -> None:
@@ -60,10 +62,12 @@ def test_file_sources(tmp_path, frame, kind):
 def test_disk_source(tmp_path, frame):
     import datasets
 
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_pandas(frame, preserve_index=False),
-        "test": datasets.Dataset.from_pandas(frame.iloc[:6], preserve_index=False),
-    }).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_pandas(frame, preserve_index=False),
+            "test": datasets.Dataset.from_pandas(frame.iloc[:6], preserve_index=False),
+        }
+    ).save_to_disk(str(tmp_path / "ds"))
     _check_table(load_data(cfg(f"disk:{tmp_path / 'ds'}"), seed=0), frame)
     test = load_data(cfg(f"disk:{tmp_path / 'ds'}", split="test", valid_fraction=0), seed=0)
     assert len(test.train.y) == 6 and test.valid is None
@@ -87,14 +91,18 @@ def _images(root, per_class: int = 4, size=(6, 5)) -> dict[str, list[np.ndarray]
 
 def test_imagefolder_source(tmp_path):
     written = _images(tmp_path / "img")
-    bundle = load_data(cfg(f"imagefolder:{tmp_path / 'img'}", target="label", valid_fraction=0.25,
-                           standardize=True), seed=0)
+    bundle = load_data(
+        cfg(
+            f"imagefolder:{tmp_path / 'img'}", target="label", valid_fraction=0.25, standardize=True
+        ),
+        seed=0,
+    )
     assert bundle.classes == ["cat", "dog"]
     assert bundle.input_shape == (3, 6, 5)
     x = torch.cat([bundle.train.x, bundle.valid.x])
     y = torch.cat([bundle.train.y, bundle.valid.y])
     assert len(x) == 8 and sorted(y.tolist()) == [0] * 4 + [1] * 4
-    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= 0.0 and x.max() <= 1.0
     # every written image arrives (as CHW in [0, 1]) with its class
     for label, name in enumerate(("cat", "dog")):
         for arr in written[name]:
@@ -110,8 +118,16 @@ def test_imagefolder_source(tmp_path):
 
 def test_imagefolder_grayscale_and_resize(tmp_path):
     _images(tmp_path / "img", per_class=2)
-    bundle = load_data(cfg(f"imagefolder:{tmp_path / 'img'}", target="label", channels=1,
-                           image_size=[4, 4], valid_fraction=0), seed=0)
+    bundle = load_data(
+        cfg(
+            f"imagefolder:{tmp_path / 'img'}",
+            target="label",
+            channels=1,
+            image_size=[4, 4],
+            valid_fraction=0,
+        ),
+        seed=0,
+    )
     assert bundle.input_shape == (1, 4, 4)
 
 
@@ -146,7 +162,7 @@ def test_sklearn_sources(name):
 def test_unknown_sklearn_set_and_kind():
     with pytest.raises(UserError, match="scikit-learn ships"):
         load_data(cfg("sklearn:mnist"), seed=0)
-    with pytest.raises(UserError, match="(?i)did you mean `csv`"):
+    with pytest.raises(UserError, match=r"(?i)did you mean `csv`"):
         load_data(cfg("cvs:x.csv"), seed=0)
 
 
@@ -173,8 +189,10 @@ def test_split_is_seeded_deterministic_and_disjoint(tmp_path, frame):
 def test_standardize_uses_train_split_only(tmp_path, frame):
     bundle = load_data(cfg(_csv(tmp_path, frame), standardize=True), seed=0)
     mean, std = bundle.norm
-    train = torch.tensor(frame.iloc[bundle.train.x[:, 0].long().numpy()][["row", "f1", "f2"]]
-                         .to_numpy(), dtype=torch.float32)
+    train = torch.tensor(
+        frame.iloc[bundle.train.x[:, 0].long().numpy()][["row", "f1", "f2"]].to_numpy(),
+        dtype=torch.float32,
+    )
     torch.testing.assert_close(mean, train.mean(0))
     torch.testing.assert_close(std, train.std(0))
     everything = torch.tensor(frame[["row", "f1", "f2"]].to_numpy(), dtype=torch.float32)
@@ -224,8 +242,12 @@ def test_valid_source_replaces_the_split(tmp_path, frame):
 
 
 def test_regression_target_is_float(tmp_path, frame):
-    bundle = load_data(DataConfig(source=_csv(tmp_path, frame), task="regression",
-                                  features=["f1", "f2"], valid_fraction=0), seed=0)
+    bundle = load_data(
+        DataConfig(
+            source=_csv(tmp_path, frame), task="regression", features=["f1", "f2"], valid_fraction=0
+        ),
+        seed=0,
+    )
     assert bundle.train.y.dtype == torch.float32 and bundle.classes is None
     assert bundle.input_shape == (2,)
 
@@ -237,10 +259,15 @@ def _table(n: int = 23) -> Table:
 def test_tensor_rows_getitems_returns_whole_batches():
     rows = TensorRows(_table())
     indices = [5, 0, 22, 5, 11]
-    x, y = rows.__getitems__(indices)
-    assert x.shape == (5, 2, 3) and y.shape == (5,)
-    assert torch.equal(x, torch.stack([rows[i][0] for i in indices]))
-    assert torch.equal(y, torch.stack([rows[i][1] for i in indices]))
+    batch = rows.__getitems__(indices)
+    per_row = [rows[i] for i in indices]
+    assert len(batch) == len(per_row[0])  # (x, y) or (x, y, row index): same fields either way
+    for field, stacked in enumerate(batch):
+        assert stacked.shape[0] == 5
+        assert torch.equal(stacked, torch.stack([r[field] for r in per_row]))
+    assert batch[0].shape == (5, 2, 3) and batch[1].shape == (5,)
+    if len(batch) > 2:  # row indices ride along with the batch
+        assert batch[2].tolist() == indices
     assert len(rows) == 23
 
 
@@ -249,12 +276,17 @@ def test_make_loader_batches_equal_slices(drop_last):
     table = _table()
     batches = list(make_loader(table, batch_size=5, shuffle=False, drop_last=drop_last))
     assert len(batches) == (4 if drop_last else 5)
-    for i, (x, y) in enumerate(batches):
-        assert torch.equal(x, table.x[i * 5 : (i + 1) * 5])
-        assert torch.equal(y, table.y[i * 5 : (i + 1) * 5])
+    for i, (x, y, *rest) in enumerate(batches):
+        rows = slice(i * 5, (i + 1) * 5)
+        assert torch.equal(x, table.x[rows])
+        assert torch.equal(y, table.y[rows])
+        if rest:
+            assert rest[0].tolist() == list(range(len(table.y)))[rows]
 
 
 def test_shuffled_loader_is_a_permutation():
     table = _table()
-    seen = torch.cat([x[:, 0, 0] for x, _ in make_loader(table, 4, shuffle=True, drop_last=False)])
+    loader = make_loader(table, 4, shuffle=True, drop_last=False)
+    seen = torch.cat([batch[0][:, 0, 0] for batch in loader])
     assert sorted(seen.tolist()) == table.x[:, 0, 0].tolist()
+    assert seen.tolist() != table.x[:, 0, 0].tolist()

@@ -138,8 +138,14 @@ def test_readme_recipe_reference_is_current():
 
 def test_reference_lists_every_section_and_layer():
     doc = schema_doc.reference_markdown()
-    for key in ("`data.source`", "`model.layers`", "`train.early_stopping.monitor`",
-                "`finetune.from`", "`tracking.wandb.project`", "`optimizer.param_groups[].lr`"):
+    for key in (
+        "`data.source`",
+        "`model.layers`",
+        "`train.early_stopping.monitor`",
+        "`finetune.from`",
+        "`tracking.wandb.project`",
+        "`optimizer.param_groups[].lr`",
+    ):
         assert key in doc
     for layer in ("`linear`", "`conv2d`", "`dropout`", "`batchnorm`", "`module`"):
         assert layer in doc

@@ -26,8 +26,12 @@ from dist_train.cli import main
 BASE = {
     "name": "t",
     "seed": 0,
-    "data": {"source": "csv:data.csv", "target": "label", "task": "multiclass",
-             "valid_fraction": 0.25},
+    "data": {
+        "source": "csv:data.csv",
+        "target": "label",
+        "task": "multiclass",
+        "valid_fraction": 0.25,
+    },
     "model": {"layers": [{"linear": 8}, "relu", {"dropout": 0.1}, {"linear": "out"}]},
     "loss": "cross_entropy",
     "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
@@ -92,103 +96,237 @@ CONV_NO_FLATTEN = both(
 
 CASES = [
     # --- the file itself -------------------------------------------------------------------
-    Case("malformed_yaml", ("recipe.yaml:3:", "malformed YAML", "indentation"),
-         text="name: t\nseed: 0\n  data: x\n"),
+    Case(
+        "malformed_yaml",
+        ("recipe.yaml:3:", "malformed YAML", "indentation"),
+        text="name: t\nseed: 0\n  data: x\n",
+    ),
     Case("empty_recipe", ("recipe.yaml", "the recipe is empty"), text="# nothing here\n"),
     Case("not_a_mapping", ("recipe.yaml", "a recipe is a mapping"), text="- linear: 3\n- relu\n"),
     Case("missing_recipe_file", ("nope.yaml", "recipe file not found"), path="nope.yaml"),
     # --- unknown keys, at every level --------------------------------------------------------
-    Case("unknown_top_key", ("optimiser: unknown key", "did you mean `optimizer`"),
-         at("optimiser", {"name": "sgd"})),
-    Case("unknown_data_key", ("data.sorce: unknown key", "did you mean `source`"),
-         at("data.sorce", "csv:x.csv")),
-    Case("unknown_model_key", ("model.inits: unknown key", "did you mean `init`"),
-         at("model.inits", {"weight": "zeros"})),
-    Case("unknown_optimizer_key", ("optimizer.momentun: unknown key", "did you mean `momentum`"),
-         at("optimizer.momentun", 0.9)),
-    Case("unknown_scheduler_key", ("scheduler.warmup: unknown key", "`warmup_steps`"),
-         at("scheduler", {"name": "cosine", "warmup": 5})),
-    Case("unknown_train_key", ("train.epoch: unknown key", "did you mean `epochs`"),
-         at("train.epoch", 3)),
-    Case("unknown_early_stopping_key",
-         ("train.early_stopping.patince: unknown key", "did you mean `patience`"),
-         at("train.early_stopping", {"patince": 3})),
-    Case("unknown_checkpoint_key", ("checkpoint.evry_steps: unknown key", "`every_steps`"),
-         at("checkpoint", {"evry_steps": 10})),
-    Case("unknown_finetune_key", ("finetune.frm: unknown key", "did you mean `from`"),
-         at("finetune", {"frm": "x.safetensors"})),
-    Case("unknown_wandb_key", ("tracking.wandb.projekt: unknown key", "did you mean `project`"),
-         at("tracking", {"wandb": {"projekt": "p"}})),
-    Case("unknown_layer_arg", ("model.layers[0]", "`linear` argument `outs`", "did you mean `out`"),
-         at("model.layers.0", {"linear": {"outs": 3}})),
-    Case("unknown_layer", ("model.layers[1]", "unknown layer `relus`", "did you mean `relu`"),
-         at("model.layers.1", "relus")),
+    Case(
+        "unknown_top_key",
+        ("optimiser: unknown key", "did you mean `optimizer`"),
+        at("optimiser", {"name": "sgd"}),
+    ),
+    Case(
+        "unknown_data_key",
+        ("data.sorce: unknown key", "did you mean `source`"),
+        at("data.sorce", "csv:x.csv"),
+    ),
+    Case(
+        "unknown_model_key",
+        ("model.inits: unknown key", "did you mean `init`"),
+        at("model.inits", {"weight": "zeros"}),
+    ),
+    Case(
+        "unknown_optimizer_key",
+        ("optimizer.momentun: unknown key", "did you mean `momentum`"),
+        at("optimizer.momentun", 0.9),
+    ),
+    Case(
+        "unknown_scheduler_key",
+        ("scheduler.warmup: unknown key", "`warmup_steps`"),
+        at("scheduler", {"name": "cosine", "warmup": 5}),
+    ),
+    Case(
+        "unknown_train_key",
+        ("train.epoch: unknown key", "did you mean `epochs`"),
+        at("train.epoch", 3),
+    ),
+    Case(
+        "unknown_early_stopping_key",
+        ("train.early_stopping.patince: unknown key", "did you mean `patience`"),
+        at("train.early_stopping", {"patince": 3}),
+    ),
+    Case(
+        "unknown_checkpoint_key",
+        ("checkpoint.evry_steps: unknown key", "`every_steps`"),
+        at("checkpoint", {"evry_steps": 10}),
+    ),
+    Case(
+        "unknown_finetune_key",
+        ("finetune.frm: unknown key", "did you mean `from`"),
+        at("finetune", {"frm": "x.safetensors"}),
+    ),
+    Case(
+        "unknown_wandb_key",
+        ("tracking.wandb.projekt: unknown key", "did you mean `project`"),
+        at("tracking", {"wandb": {"projekt": "p"}}),
+    ),
+    Case(
+        "unknown_layer_arg",
+        ("model.layers[0]", "`linear` argument `outs`", "did you mean `out`"),
+        at("model.layers.0", {"linear": {"outs": 3}}),
+    ),
+    Case(
+        "unknown_layer",
+        ("model.layers[1]", "unknown layer `relus`", "did you mean `relu`"),
+        at("model.layers.1", "relus"),
+    ),
     # --- types and ranges -----------------------------------------------------------------
-    Case("epochs_not_int", ("train.epochs", "valid integer", '"many"'), overrides=("train.epochs=many",)),
-    Case("lr_not_number", ("optimizer.lr", "valid number", '"fast"'), overrides=("optimizer.lr=fast",)),
-    Case("dropout_out_of_range", ("model.layers[2]", "`dropout` argument `p`", "less than 1", "1.5"),
-         at("model.layers.2", {"dropout": 1.5})),
-    Case("negative_lr", ("optimizer.lr", "greater than 0", "-0.1"), overrides=("optimizer.lr=-0.1",)),
-    Case("valid_fraction_one", ("data.valid_fraction", "less than 1"),
-         overrides=("data.valid_fraction=1.0",)),
+    Case(
+        "epochs_not_int",
+        ("train.epochs", "valid integer", '"many"'),
+        overrides=("train.epochs=many",),
+    ),
+    Case(
+        "lr_not_number",
+        ("optimizer.lr", "valid number", '"fast"'),
+        overrides=("optimizer.lr=fast",),
+    ),
+    Case(
+        "unknown_optimizer_name",
+        ("optimizer.name", "'sgd', 'adam'", "did you mean `adam`"),
+        overrides=("optimizer.name=adamm",),
+    ),
+    Case(
+        "unknown_loss_name",
+        ("loss.name", "did you mean `cross_entropy`"),
+        at("loss", "cross_entropyy"),
+    ),
+    Case(
+        "dropout_out_of_range",
+        ("model.layers[2]", "`dropout` argument `p`", "less than 1", "1.5"),
+        at("model.layers.2", {"dropout": 1.5}),
+    ),
+    Case(
+        "negative_lr", ("optimizer.lr", "greater than 0", "-0.1"), overrides=("optimizer.lr=-0.1",)
+    ),
+    Case(
+        "valid_fraction_one",
+        ("data.valid_fraction", "less than 1"),
+        overrides=("data.valid_fraction=1.0",),
+    ),
     # --- semantic mistakes ------------------------------------------------------------------
-    Case("softmax_before_cross_entropy", ("model.layers[4]", "softmax", "remove the final softmax"),
-         append_layer("softmax")),
-    Case("sigmoid_before_bce_with_logits",
-         ("model.layers[4]", "applies sigmoid twice", "loss: bce"),
-         both(BINARY, at("loss", "bce_with_logits"), append_layer("sigmoid"))),
-    Case("bce_without_sigmoid", ("model.layers[3]", "last layer must be sigmoid", "bce_with_logits"),
-         both(BINARY, at("loss", "bce"))),
-    Case("regression_with_cross_entropy", ("loss:", "classification loss", "use mse"),
-         at("data.task", "regression")),
-    Case("multiclass_with_mse", ("loss:", "regression loss", "use cross_entropy"), at("loss", "mse")),
-    Case("metric_not_for_task", ("metrics[1]", "`r2` is not a multiclass metric", "accuracy"),
-         at("metrics", ["accuracy", "r2"])),
-    Case("early_stopping_monitor_not_computed",
-         ("train.early_stopping.monitor", "`valid/f1` is not computed", "add the metric"),
-         at("train.early_stopping", {"monitor": "valid/f1"})),
-    Case("batch_not_divisible_by_grad_accum",
-         ("train.batch_size", "not divisible by train.grad_accum"),
-         overrides=("train.batch_size=10", "train.grad_accum=4")),
-    Case("momentum_with_adam", ("optimizer.momentum", "adam has no momentum", "betas"),
-         overrides=("optimizer.name=adam",)),
-    Case("nesterov_without_momentum", ("optimizer.nesterov", "momentum > 0"),
-         overrides=("optimizer.nesterov=true", "optimizer.momentum=0")),
-    Case("both_layers_and_module", ("model:", "exactly one of `layers`", "`module`"),
-         at("model.module", {"path": "torch.nn:Linear"})),
-    Case("neither_layers_nor_module", ("model:", "exactly one of `layers`"),
-         overrides=("~model.layers",)),
+    Case(
+        "softmax_before_cross_entropy",
+        ("model.layers[4]", "softmax", "remove the final softmax"),
+        append_layer("softmax"),
+    ),
+    Case(
+        "sigmoid_before_bce_with_logits",
+        ("model.layers[4]", "applies sigmoid twice", "loss: bce"),
+        both(BINARY, at("loss", "bce_with_logits"), append_layer("sigmoid")),
+    ),
+    Case(
+        "bce_without_sigmoid",
+        ("model.layers[3]", "last layer must be sigmoid", "bce_with_logits"),
+        both(BINARY, at("loss", "bce")),
+    ),
+    Case(
+        "regression_with_cross_entropy",
+        ("loss:", "classification loss", "use mse"),
+        at("data.task", "regression"),
+    ),
+    Case(
+        "multiclass_with_mse", ("loss:", "regression loss", "use cross_entropy"), at("loss", "mse")
+    ),
+    Case(
+        "metric_not_for_task",
+        ("metrics[1]", "`r2` is not a multiclass metric", "accuracy"),
+        at("metrics", ["accuracy", "r2"]),
+    ),
+    Case(
+        "early_stopping_monitor_not_computed",
+        ("train.early_stopping.monitor", "`valid/f1` is not computed", "add the metric"),
+        at("train.early_stopping", {"monitor": "valid/f1"}),
+    ),
+    Case(
+        "batch_not_divisible_by_grad_accum",
+        ("train.batch_size", "not divisible by train.grad_accum"),
+        overrides=("train.batch_size=10", "train.grad_accum=4"),
+    ),
+    Case(
+        "momentum_with_adam",
+        ("optimizer.momentum", "adam has no momentum", "betas"),
+        overrides=("optimizer.name=adam",),
+    ),
+    Case(
+        "nesterov_without_momentum",
+        ("optimizer.nesterov", "momentum > 0"),
+        overrides=("optimizer.nesterov=true", "optimizer.momentum=0"),
+    ),
+    Case(
+        "both_layers_and_module",
+        ("model:", "exactly one of `layers`", "`module`"),
+        at("model.module", {"path": "torch.nn:Linear"}),
+    ),
+    Case(
+        "neither_layers_nor_module",
+        ("model:", "exactly one of `layers`"),
+        overrides=("~model.layers",),
+    ),
     # --- overrides ------------------------------------------------------------------------
     Case("override_without_equals", ("override `foo`", "key.sub=value"), overrides=("foo",)),
     Case("override_delete_with_value", ("override `~a=b`", "~key.sub"), overrides=("~a=b",)),
-    Case("override_index_out_of_range",
-         ("override `model.layers.99=relu`", "not an index of a 4-item list"),
-         overrides=("model.layers.99=relu",)),
-    Case("override_inside_scalar", ("override `name.x=1`", "`name` holds a single value"),
-         overrides=("name.x=1",)),
+    Case(
+        "override_index_out_of_range",
+        ("override `model.layers.99=relu`", "not an index of a 4-item list"),
+        overrides=("model.layers.99=relu",),
+    ),
+    Case(
+        "override_inside_scalar",
+        ("override `name.x=1`", "`name` holds a single value"),
+        overrides=("name.x=1",),
+    ),
     # --- data -----------------------------------------------------------------------------
-    Case("missing_data_file", ("data.source `csv:nope.csv`", "file nope.csv not found"),
-         overrides=("data.source=csv:nope.csv",)),
-    Case("missing_target_column", ("column `labl`", "did you mean `label`"),
-         overrides=("data.target=labl", "data.features=[a,b]")),
-    Case("non_numeric_feature", ("column `b` is not numeric", "row 0", "data.features"),
-         overrides=("data.source=csv:text.csv",), files={"text.csv": TEXT_CSV}),
-    Case("nan_label", ("data.target `label`", "NaN in row 2", "needs a label"),
-         overrides=("data.source=csv:nan.csv",), files={"nan.csv": NAN_LABEL_CSV}),
-    Case("label_outside_num_classes", ("label 2 outside the 2 classes", "data.num_classes"),
-         overrides=("data.num_classes=2",)),
-    Case("shape_does_not_fit", ("data.shape [3, 3]", "9 values", "2 features"),
-         overrides=("data.shape=[3,3]",)),
+    Case(
+        "missing_data_file",
+        ("data.source `csv:nope.csv`", "file nope.csv not found"),
+        overrides=("data.source=csv:nope.csv",),
+    ),
+    Case(
+        "missing_target_column",
+        ("column `labl`", "did you mean `label`"),
+        overrides=("data.target=labl", "data.features=[a,b]"),
+    ),
+    Case(
+        "non_numeric_feature",
+        ("column `b` is not numeric", "row 0", "data.features"),
+        overrides=("data.source=csv:text.csv",),
+        files={"text.csv": TEXT_CSV},
+    ),
+    Case(
+        "nan_label",
+        ("data.target `label`", "NaN in row 2", "needs a label"),
+        overrides=("data.source=csv:nan.csv",),
+        files={"nan.csv": NAN_LABEL_CSV},
+    ),
+    Case(
+        "label_outside_num_classes",
+        ("label 2 outside the 2 classes", "data.num_classes"),
+        overrides=("data.num_classes=2",),
+    ),
+    Case(
+        "shape_does_not_fit",
+        ("data.shape [3, 3]", "9 values", "2 features"),
+        overrides=("data.shape=[3,3]",),
+    ),
     # --- model building -------------------------------------------------------------------
-    Case("linear_after_conv_without_flatten", ("model.layers[2] (linear)", "add `- flatten`"),
-         CONV_NO_FLATTEN),
-    Case("unimportable_module", ("`nope_pkg.mod:Net`", "cannot import", "PYTHONPATH"),
-         at("model", {"module": {"path": "nope_pkg.mod:Net"}})),
-    Case("module_file_path_refused", ("`../evil.py:X`", "file paths are not accepted"),
-         at("model", {"module": {"path": "../evil.py:X"}})),
+    Case(
+        "linear_after_conv_without_flatten",
+        ("model.layers[2] (linear)", "add `- flatten`"),
+        CONV_NO_FLATTEN,
+    ),
+    Case(
+        "unimportable_module",
+        ("`nope_pkg.mod:Net`", "cannot import", "PYTHONPATH"),
+        at("model", {"module": {"path": "nope_pkg.mod:Net"}}),
+    ),
+    Case(
+        "module_file_path_refused",
+        ("`../evil.py:X`", "file paths are not accepted"),
+        at("model", {"module": {"path": "../evil.py:X"}}),
+    ),
     # --- found when training starts ---------------------------------------------------------
-    Case("fp16_on_cpu", ("train.mixed_precision", "fp16 needs a CUDA GPU", "bf16"),
-         overrides=("-o", "run", "train.mixed_precision=fp16"), command="train"),
+    Case(
+        "fp16_on_cpu",
+        ("train.mixed_precision", "fp16 needs a CUDA GPU", "bf16"),
+        overrides=("-o", "run", "train.mixed_precision=fp16"),
+        command="train",
+    ),
 ]
 SUBPROCESS_IDS = ("malformed_yaml", "unknown_top_key", "missing_data_file", "fp16_on_cpu")
 
@@ -245,8 +383,14 @@ def test_process_level(case_id, tmp_path):
     _skip_if_gpu(case)
     args = _workdir(case, tmp_path)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     for want in case.expect:
@@ -257,6 +401,17 @@ def test_process_level(case_id, tmp_path):
 def test_table_covers_every_level():
     """Guard against the table silently shrinking: unknown keys are tested at every level."""
     ids = {c.id for c in CASES}
-    levels = ("top", "data", "model", "optimizer", "scheduler", "train", "early_stopping",
-              "checkpoint", "finetune", "wandb", "layer_arg")
+    levels = (
+        "top",
+        "data",
+        "model",
+        "optimizer",
+        "scheduler",
+        "train",
+        "early_stopping",
+        "checkpoint",
+        "finetune",
+        "wandb",
+        "layer_arg",
+    )
     assert all(f"unknown_{lv}_key" in ids or f"unknown_{lv}" in ids for lv in levels)
