@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .config import Recipe
 from .data import DataBundle, load_data
+from .errors import UserError
 from .models import Net, build_model
 
 
@@ -65,8 +66,24 @@ def build_net(recipe: Recipe, data: DataBundle, head: Head) -> Net:
     out = head.out_features or data.num_classes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        return build_model(recipe.model.layers, recipe.model.module, recipe.model.init,
-                           data.input_shape, out, data.norm)
+        net = build_model(recipe.model.layers, recipe.model.module, recipe.model.init,
+                          data.input_shape, out, data.norm)
+    _check_output(net, data.input_shape, out, recipe)
+    return net
+
+
+def _check_output(net: Net, input_shape: tuple[int, ...], out: int, recipe: Recipe) -> None:
+    """The model must emit one score per class (or 1): caught here, not at the first eval."""
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        got = tuple(net(torch.zeros(2, *input_shape)).shape[1:])
+    net.train(was_training)
+    if got != (out,):
+        need = f"{out} ({recipe.data.task}, loss {recipe.loss.name})"
+        raise UserError(f"model: the last layer outputs shape {list(got)} per row but the task "
+                        f"needs {need}; end model.layers with `- linear: out` (plus sigmoid "
+                        "for loss bce).")
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:

@@ -57,12 +57,20 @@ def configure_ddp(accelerator, model, data, head) -> None:
 
 
 def open_log(accelerator, run_dir: Path, recipe, run: RunPlan, state, total: int, plan,
-             model, notes: list[str]) -> RunLog:
+             model, notes: list[str], steps_per_epoch: int | None = None) -> RunLog:
+    """The run's log on every rank (a no-op object off the main process): trackers opened once,
+    run.json written, the plan printed once. A resumed run keeps its tracker run id."""
+    import shutil
+
+    resume_step = state.step if run.resume_from else None
+    if accelerator.is_main_process and resume_step is None:
+        for stale in ("tensorboard", "wandb"):  # an attempt that never reached a checkpoint
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
     log = RunLog(run_dir, accelerator.is_main_process, total, recipe.tracking,
-                 resolved(recipe), run_id=state.run_id)
-    state.run_id = log.run_id
+                 resolved(recipe), run_id=state.run_id, resume_step=resume_step)
+    state.run_id = log.run_id  # saved with every checkpoint: the resumed job continues this run
     if accelerator.is_main_process:
-        info = _run_info(accelerator, recipe, plan, total, model)
+        info = _run_info(accelerator, recipe, plan, total, model, steps_per_epoch, log.run_id)
         checkpoint.write_json_atomic(run_dir / "run.json", info | {"status": "running"})
         log.info(_plan_text(info, run_dir))
         for note in notes:
@@ -73,7 +81,8 @@ def open_log(accelerator, run_dir: Path, recipe, run: RunPlan, state, total: int
     return log
 
 
-def _run_info(accelerator, recipe, plan, total: int, model) -> dict:
+def _run_info(accelerator, recipe, plan, total: int, model, steps_per_epoch: int | None = None,
+              run_id: str | None = None) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     versions = {}
@@ -84,12 +93,16 @@ def _run_info(accelerator, recipe, plan, total: int, model) -> dict:
             versions[pkg] = None
     best = recipe.checkpoint.best
     monitor = best.monitor if best else "valid/loss"
+    t = recipe.train
+    if steps_per_epoch is None and (not t.max_steps or total < t.max_steps):
+        steps_per_epoch = total // max(t.epochs, 1)  # total = steps per epoch x epochs here
     return {
-        "name": recipe.name, "recipe_hash": recipe_hash(recipe),
+        "name": recipe.name, "recipe_hash": recipe_hash(recipe), "run_id": run_id,
         "world_size": accelerator.num_processes, "device": str(accelerator.device),
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "mixed_precision": accelerator.mixed_precision, "global_batch": plan.global_batch,
         "per_device_batch": plan.per_device, "grad_accum": plan.grad_accum,
+        "steps_per_epoch": steps_per_epoch, "epochs": t.epochs,
         "total_steps": total, "trainable_params": trainable, "frozen_params": frozen,
         "monitor": monitor, "mode": (best.mode if best else None) or default_mode(monitor),
         "python": platform.python_version(), "versions": versions,
@@ -98,13 +111,16 @@ def _run_info(accelerator, recipe, plan, total: int, model) -> dict:
 
 
 def _plan_text(info: dict, run_dir: Path) -> str:
+    per_epoch = info.get("steps_per_epoch")
+    epochs = (f"{per_epoch} steps per epoch x {info.get('epochs')} epochs = " if per_epoch
+              else "")
     return (
         f"dist-train: {info['name']} -> {run_dir}\n"
         f"  world size {info['world_size']} ({info['distributed_type']}, {info['device']}), "
         f"precision {info['mixed_precision']}\n"
         f"  batch {info['global_batch']} global = {info['per_device_batch']} per device x "
-        f"{info['world_size']} processes x {info['grad_accum']} accumulation; "
-        f"{info['total_steps']} optimizer steps\n"
+        f"{info['world_size']} processes x {info['grad_accum']} accumulation\n"
+        f"  {epochs}{info['total_steps']} optimizer steps\n"
         f"  parameters {info['trainable_params']:,} trainable, {info['frozen_params']:,} frozen"
     )
 

@@ -183,6 +183,7 @@ def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_
         log.info(f"stopped by a signal at step {state.step}; checkpoint saved, "
                  f"exit {EXIT_PREEMPTED} (run the same command again to resume)")
         raise Preempted(state.step)
+    log.summary(result, state.best_step)  # end-of-run table, main process only
     export(accelerator, model, run_dir, recipe, data, state, result)
     return result
 
@@ -239,19 +240,23 @@ def train_step(model, x, y, head, optimizer, accelerator, boundary: bool, accum:
 
 
 def _log_train(accelerator, log, state, loss_sum, n_loss, norm, optimizer, tick, t) -> float:
+    """Figures of the steps since the last log line. The only device reads of the loop happen
+    here, once per log interval: the loss was summed on device, never read per step."""
     # Collective at the log interval (same step on every rank): the mean loss over all ranks.
     loss = accelerator.reduce(loss_sum / max(n_loss, 1), reduction="mean")
     now = time.perf_counter()
-    steps = t.log_every_steps if state.step % t.log_every_steps == 0 else max(state.step % t.log_every_steps, 1)
+    steps = max(n_loss // t.grad_accum, 1)  # optimizer steps since the last log (n_loss: micro)
     fields = {"train/loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
               "samples_per_s": steps * t.batch_size / max(now - tick, 1e-9),
               "step_time": (now - tick) / steps}
     if norm is not None:
         fields["grad_norm"] = float(norm)
+    if accelerator.device.type == "cuda":  # allocator statistics: no sync, no GPU work
+        fields["peak_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     log.event("train", epoch=state.epoch, step=state.step, samples=state.step * t.batch_size,
               **fields)
     log.advance({"loss": f"{fields['train/loss']:.4f}", "lr": f"{fields['lr']:.2e}",
-                 "samples/s": f"{fields['samples_per_s']:.0f}"})
+                 "samples/s": f"{fields['samples_per_s']:.0f}"}, step=state.step)
     return now
 
 

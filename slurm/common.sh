@@ -74,13 +74,16 @@ dt_job_ref() {
 # TEST CLUSTERS ONLY (DIST_TRAIN_REQUEUE_START_NOW=1): a requeued job waits
 # ~120 s (BeginTime) before it may start again. A helper detached from the job
 # (setsid + double fork, so proctrack/linuxproc does not kill it with the job)
-# sets StartTime=now as soon as the job is PENDING. Under proctrack/cgroup the
-# helper dies with the job and the job just starts later.
+# sets StartTime=now 2 s after the job is PENDING. Not at once: slurmd revokes
+# the old run's credential with a 1-second resolution, and a restart in the
+# same second is killed ("Job credential revoked", job FAILED; seen here).
+# Under proctrack/cgroup the helper dies with the job; it just starts later.
 dt_start_now() {
     local ref=$1
     (setsid bash -c '
         for _ in $(seq 240); do
             if [[ "$(squeue -h -j "$1" -o %T 2>/dev/null)" == PENDING ]]; then
+                sleep 2
                 scontrol update JobId="$1" StartTime=now && exit 0
             fi
             sleep 0.5

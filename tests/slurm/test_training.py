@@ -1,0 +1,116 @@
+"""The real trainer under the real local SLURM, submitted by `dist-train submit`.
+
+(a) a 2-process CPU job trains (world size 2) and completes; (b) a preemption notice
+(USR1 to the batch shell, exactly what `--signal=B:USR1@GRACE` sends) mid-training leads
+to a synchronized save, a requeue and a resume into the same run directory, and the final
+weights are bitwise equal to an uninterrupted 2-process run; (c) a recipe that fails at
+run time exits with an error and is NOT requeued. The time-limit path itself is not
+waited for here (slurmctld checks limits every 30 s; see NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from procs import ROOT, bitwise_equal, cli, env, weights
+
+pytestmark = pytest.mark.slurm
+
+WINE = str(ROOT / "recipes" / "wine_mlp.yaml")
+
+
+def submit(*args: str, **extra_env: str) -> str:
+    """`dist-train submit ...` as a user runs it; returns the job id it prints."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_train", "submit", *args],
+        cwd=ROOT,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"submitted job (\d+)", proc.stdout)
+    assert m, proc.stdout
+    assert "tail -f" in proc.stdout
+    return m.group(1)
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [e for e in rows if e["event"] == kind]
+
+
+def wait_for(condition, timeout_s: float, what: str, job: str, slurm_jobs) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        fields = slurm_jobs.fields(job)
+        assert time.monotonic() < deadline, f"{what} not seen after {timeout_s}s: {fields}"
+        assert fields.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), fields
+        time.sleep(0.1)
+
+
+def test_submitted_cpu_job_trains_with_world_size_2(slurm_jobs, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    job = submit(WINE, "train.epochs=2", "--processes", "2", "-o", str(run_dir),
+                 "--time", "00:05:00", "--grace", "30")  # fmt: skip
+    fields = slurm_jobs.wait(job, timeout_s=150)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert fields["JobState"] == "COMPLETED", log
+    assert fields["Restarts"] == "0", log
+    info = json.loads((run_dir / "run.json").read_text())
+    assert (info["world_size"], info["status"]) == (2, "finished"), info
+    assert (run_dir / "model.safetensors").is_file()
+    assert "#SBATCH --signal=B:USR1@30" in (run_dir / "job.sbatch").read_text()
+
+
+def test_preempted_job_saves_requeues_resumes_and_matches_uninterrupted(
+    slurm_jobs, tmp_path: Path
+) -> None:
+    overrides = ["train.epochs=80", "checkpoint.every_steps=20", "train.eval_every_epochs=20"]
+    run_dir = tmp_path / "run"
+    job = submit(WINE, *overrides, "--processes", "2", "-o", str(run_dir),
+                 "--time", "00:10:00", "--grace", "60",
+                 DIST_TRAIN_REQUEUE_START_NOW="1")  # fmt: skip
+    ckpts = run_dir / "checkpoints"
+    wait_for(lambda: any(ckpts.glob("step-*/COMPLETE")), 120, "a checkpoint", job, slurm_jobs)
+    # The preemption notice, as --signal=B:USR1@GRACE delivers it: to the batch shell only.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    fields = slurm_jobs.wait(job, timeout_s=150)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert fields["JobState"] == "COMPLETED", log
+    assert fields["Restarts"] == "1", log
+    assert "requeueing" in log and "resuming from" in log, log
+    total = 80 * (142 // 16)
+    [resume] = events(run_dir, "resume")
+    assert 0 < resume["step"] < total, resume
+    assert resume["world_size"] == 2
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+    ref = tmp_path / "reference"
+    proc = cli("train", WINE, "-o", str(ref), *overrides, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(run_dir / "model.safetensors"), weights(ref / "model.safetensors")
+    assert bitwise_equal(a, b), "resumed run's final weights differ from the uninterrupted run"
+
+
+def test_failing_recipe_is_not_requeued(slurm_jobs, tmp_path: Path) -> None:
+    """Valid at submit time, fails in the job (missing data file): error exit, no requeue."""
+    run_dir = tmp_path / "run"
+    job = submit(WINE, "data.source=csv:/nonexistent/wine.csv", "--processes", "2",
+                 "-o", str(run_dir), "--time", "00:05:00", "--grace", "30",
+                 DIST_TRAIN_REQUEUE_START_NOW="1")  # fmt: skip
+    fields = slurm_jobs.wait(job, timeout_s=120)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert fields["JobState"] == "FAILED", log
+    assert fields["Restarts"] == "0", log
+    assert fields["ExitCode"] != "0:0", fields
+    assert "error: data.source" in log and "trainer exited with" in log, log
+    assert "requeueing" not in log
+    assert not list(run_dir.glob(".requeue-*"))
