@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import lifecycle
+
+    lifecycle.install()  # first: a SLURM warning signal during start-up must not be lost
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)

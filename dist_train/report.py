@@ -61,6 +61,7 @@ class Run:
         """``valid/*`` keys holding numbers, ``valid/loss`` first then alphabetical."""
         keys = {k for r in self.evals for k, v in r.items() if k.startswith(VALID_PREFIX)}
         keys = {k for k in keys if any(_is_number(r.get(k)) for r in self.evals)}
+        keys = {k for k in keys if not k.endswith("/rows")}  # a row count, not a metric
         return sorted(keys, key=lambda k: (k != DEFAULT_MONITOR, k))
 
     def metric_mode(self, key: str) -> str:
@@ -86,7 +87,7 @@ class Run:
     @property
     def num_epochs(self) -> int:
         epochs = [r["epoch"] for r in self.train + self.evals if _is_number(r.get("epoch"))]
-        return int(max(epochs)) + 1 if epochs else 0
+        return int(max(epochs)) if epochs else 0
 
     @property
     def num_steps(self) -> int:
@@ -174,6 +175,10 @@ def load_run(run_dir: pathlib.Path) -> Run:
         )
         raise UserError(f"{run_dir}: no {METRICS_FILE}; not a run directory.{hint}")
     records, notes = _read_metrics(metrics)
+    # The trainer logs 0-based epochs; people (and its console: "epoch 1 valid") count from 1.
+    records = [
+        {**r, "epoch": r["epoch"] + 1} if _is_number(r.get("epoch")) else r for r in records
+    ]
     train = _dedup_by_step([r for r in records if r.get("event") == "train"])
     evals = _dedup_by_step([r for r in records if r.get("event") == "eval"])
     if not train and not evals:

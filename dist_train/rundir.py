@@ -17,7 +17,7 @@ import yaml
 from .checkpoint import checkpoint_dir, latest_complete
 
 # Keys that may change between a run and its resume without changing the math.
-NOT_TRAINING_RELEVANT = ("name", "tracking", "checkpoint", "train.log_every_steps",
+NOT_TRAINING_RELEVANT = ("name", "tracking", "checkpoint", "slurm", "train.log_every_steps",
                          "train.threads")
 RUN_FILES = ("metrics.jsonl", "model.safetensors", "run.json", "recipe.yaml", "eval.json",
              "tensorboard", "wandb", "report.html")

@@ -355,7 +355,7 @@ def _max_history_step(path: Path) -> int:
             record.ParseFromString(parts)
             if record.WhichOneof("record_type") == "history":
                 for item in record.history.item:
-                    if item.key == "_step":
+                    if (item.key or "/".join(item.nested_key)) == "_step":
                         best = max(best, int(json.loads(item.value_json)))
     return best
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import build
+from . import build, lifecycle
 from .augment import augment_batch, augment_generator
 from .config import Recipe, default_mode
 from .data import make_loader
@@ -38,18 +37,6 @@ class TrainState:
     history: list = field(default_factory=list)  # world sizes this run has used
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 / Ctrl-C ask for a clean stop; the loop agrees on it across ranks."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-
 def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
           allow_changed: bool = False) -> dict:
     """Train a recipe; returns the final evaluation. Same numbers on 1 or N processes."""
@@ -62,8 +49,7 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     plan = plan_batches(recipe, accelerator.num_processes)
     run = agree_run_dir(accelerator, recipe, output_dir, restart, allow_changed)
     run_dir = Path(run.run_dir)
-    with accelerator.main_process_first():  # the datasets cache is written once, then reused
-        data = build.build_data(recipe)
+    data = _load_data_once(accelerator, recipe)
     head = build.make_head(recipe)
     model = build.build_net(recipe, data, head)
     from .finetune import prepare_finetune
@@ -97,10 +83,26 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     return result
 
 
+def _load_data_once(accelerator, recipe):
+    """Rank 0 loads first (the datasets cache is written once, then reused). A data error is
+    held until everyone has left the barrier, then raised on every rank alike: otherwise rank 0
+    would exit mid-barrier and the others would die with a gloo traceback."""
+    data, error = None, None
+    with accelerator.main_process_first():
+        try:
+            data = build.build_data(recipe)
+        except UserError as err:
+            error = err
+    if error is not None:
+        raise error
+    return data
+
+
 def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
         state: TrainState, log: RunLog, run_dir: Path, total: int, data, audit=None) -> dict:
     """The loop. Periodic work is an explicit `if` at an optimizer-step boundary."""
-    t, stop = recipe.train, StopFlag()
+    t = recipe.train
+    lifecycle.install()  # no-op if the CLI already did; covers the Python API
     accum = t.grad_accum
     per_epoch = build.steps_per_epoch(len(data.train.y), t.batch_size)
     metrics = _metric_set(recipe, data, accelerator)
@@ -152,7 +154,7 @@ def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_
             # Collective check every 10 steps (every step on one process): a signal that hit
             # any rank stops all of them at the same step.
             if accelerator.num_processes == 1 or state.step % 10 == 0:
-                if agree_any(accelerator, stop.requested):
+                if agree_any(accelerator, lifecycle.stop_requested()):
                     preempted = True
             if finished or preempted:
                 break

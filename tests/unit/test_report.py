@@ -142,7 +142,7 @@ def test_two_runs_report(two_runs, tmp_path):
 
 def test_best_eval_and_summary(two_runs):
     overfit, regularised = (report.load_run(p) for p in two_runs)
-    assert overfit.best_eval["epoch"] == 5  # valid loss rises after epoch 5
+    assert overfit.best_eval["epoch"] == 6  # valid loss rises after 0-based epoch 5 (shown: 6)
     assert regularised.monitor == "valid/accuracy" and regularised.mode == "max"
     assert regularised.best_eval["valid/accuracy"] == max(
         r["valid/accuracy"] for r in regularised.evals
