@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError, is_main_rank
+from .errors import RunFailure, UserError, is_main_rank
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -44,12 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)  # its own parser lives in report.py
     p = sub.add_parser("schema", help="print the recipe reference (markdown)")
     p.set_defaults(func=cmd_schema)
-    try:
-        from . import slurm_cli
-    except ImportError:
-        slurm_cli = None
-    if slurm_cli is not None:
-        slurm_cli.register(sub)
+    from . import slurm_cli, sweep_cli
+
+    slurm_cli.register(sub)
+    sweep_cli.register(sub)
     return parser
 
 
@@ -69,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as err:
         if is_main_rank():  # N ranks hit the same mistake; say it once
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except RunFailure as err:
+        if err.all_ranks or is_main_rank():  # a survivor must speak even if rank 0 is gone
             print(f"error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt:

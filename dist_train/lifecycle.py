@@ -5,6 +5,7 @@ importing torch, so a signal that arrives during start-up is remembered, not los
 from __future__ import annotations
 
 import signal
+import time
 
 _requested = False
 
@@ -22,3 +23,66 @@ def install() -> None:
 def stop_requested() -> bool:
     """This rank saw a signal; the loop agrees on it across ranks before acting."""
     return _requested
+
+
+# What this rank is doing, named at every collective site, so a failure can say where it hung.
+_phase = "start-up"
+
+
+def set_phase(text: str) -> None:
+    global _phase
+    _phase = text
+
+
+def phase() -> str:
+    return _phase
+
+
+class Heartbeat:
+    """Each rank records `step time` in the rendezvous store at the stop-check interval, so a
+    survivor of a dead or stalled peer can say which rank stopped answering and when."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world, self.store = rank, world, None
+        if world > 1:
+            try:  # the launcher's rendezvous store: still up when a rank dies
+                from torch.distributed import distributed_c10d
+
+                self.store = distributed_c10d._get_default_store()
+            except (ImportError, RuntimeError, AttributeError):
+                self.store = None
+
+    def beat(self, step: int) -> None:
+        if self.store is not None:
+            self.store.set(f"dist_train/heartbeat/{self.rank}", f"{step} {time.time():.3f}")
+
+    def peers(self) -> str:
+        """`rank 1 last seen at step 40, 31 s ago; ...` (best effort: never raises)."""
+        if self.store is None:
+            return "no heartbeat store"
+        seen = []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            key = f"dist_train/heartbeat/{r}"
+            try:
+                if not self.store.check([key]):
+                    seen.append(f"rank {r} never reported a step")
+                    continue
+                step, stamp = self.store.get(key).decode().split()
+                seen.append(f"rank {r} last seen at step {step}, "
+                            f"{time.time() - float(stamp):.0f} s ago")
+            except Exception:  # the store itself may be gone with the dead rank
+                seen.append(f"rank {r}: unknown (store unreachable)")
+        return "; ".join(seen)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset",
+                            "timed out", "Timed out", "Broken pipe"))

@@ -65,7 +65,7 @@ class Run:
         return sorted(keys, key=lambda k: (k != DEFAULT_MONITOR, k))
 
     def metric_mode(self, key: str) -> str:
-        """``"min"`` or ``"max"``: the run's own mode for its monitor, else guessed from the name."""
+        """``"min"`` or ``"max"``: the run's mode for its monitor, else guessed from the name."""
         if key == self.monitor:
             return self.mode
         words = set(re.split(r"[^a-z0-9]+", key.split("/", 1)[-1].lower()))
@@ -176,9 +176,7 @@ def load_run(run_dir: pathlib.Path) -> Run:
         raise UserError(f"{run_dir}: no {METRICS_FILE}; not a run directory.{hint}")
     records, notes = _read_metrics(metrics)
     # The trainer logs 0-based epochs; people (and its console: "epoch 1 valid") count from 1.
-    records = [
-        {**r, "epoch": r["epoch"] + 1} if _is_number(r.get("epoch")) else r for r in records
-    ]
+    records = [{**r, "epoch": r["epoch"] + 1} if _is_number(r.get("epoch")) else r for r in records]
     train = _dedup_by_step([r for r in records if r.get("event") == "train"])
     evals = _dedup_by_step([r for r in records if r.get("event") == "eval"])
     if not train and not evals:
@@ -219,8 +217,8 @@ def _fmt(value: Any) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1500px;
-padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
+max-width:1500px;padding:0 1em;color:#222}
 h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border:1px solid #ccc;padding:.3em .7em}
 th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -299,7 +297,7 @@ def _default_out_dir(run_dirs: list[pathlib.Path]) -> pathlib.Path:
 
 
 def write_report(run_dirs: list[pathlib.Path], out_dir: pathlib.Path | None = None) -> pathlib.Path:
-    """Write the figures and ``report.html`` for ``run_dirs`` into ``out_dir``; return the HTML path.
+    """Write the figures and ``report.html`` for ``run_dirs`` into ``out_dir``; return its path.
 
     ``out_dir`` defaults to the run directory itself (one run) or ``<first run's parent>/report``.
     Figures that do not apply (e.g. no confusion matrix logged) are left out.

@@ -110,7 +110,7 @@ def _maybe_log(ax: Axes, values: list[float]) -> None:
 
 
 def _run_legend(fig: Figure, runs: list[Run], extra: list | None = None, suffix=None) -> None:
-    """Figure legend below the axes: one colour per run (+ ``suffix[i]``), then ``extra`` handles."""
+    """Legend below the axes: one colour per run (+ ``suffix[i]``), then ``extra`` handles."""
     from matplotlib.lines import Line2D
 
     suffix = suffix or {}
@@ -216,7 +216,7 @@ def plot_loss(runs: list[Run], path: pathlib.Path) -> bool:
 
 
 def plot_metrics(runs: list[Run], path: pathlib.Path) -> bool:
-    """One subplot per scalar validation metric (valid/loss too if it is the only one), per epoch."""
+    """One subplot per scalar validation metric (valid/loss if it is the only one), per epoch."""
     from matplotlib.ticker import MaxNLocator
 
     keys = sorted({k for r in runs for k in r.scalar_metrics}, key=lambda k: (k != VALID_LOSS, k))
@@ -227,7 +227,7 @@ def plot_metrics(runs: list[Run], path: pathlib.Path) -> bool:
     ncols = min(3, len(keys))
     nrows = math.ceil(len(keys) / ncols)
     fig, axes = _figure(ncols, nrows, width=5.0, height=3.6)
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=False):  # spare axes are hidden
         modes = set()
         for i, run in enumerate(runs):
             xs, ys = _series(run.evals, key, x="epoch")
@@ -341,7 +341,7 @@ def plot_confusion(runs: list[Run], path: pathlib.Path) -> bool:
     ncols = min(3, len(sources))
     nrows = math.ceil(len(sources) / ncols)
     fig, axes = _figure(ncols, nrows, width=5.6, height=4.8)
-    for ax, (run, (record, why)) in zip(axes, sources):
+    for ax, (run, (record, why)) in zip(axes, sources, strict=False):
         title = f"{run.label}\nepoch {record.get('epoch', '?')} ({why})"
         _draw_confusion(fig, ax, record[CONFUSION_KEY], title)
     for ax in axes[len(sources) :]:

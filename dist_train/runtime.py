@@ -34,7 +34,8 @@ def make_accelerator(recipe: Recipe):
         # Our schedule is stepped once per optimizer step (accelerate's wrapper would step it
         # once per process).
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
+        kwargs_handlers=[InitProcessGroupKwargs(
+            timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
     )
 
 

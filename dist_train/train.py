@@ -12,10 +12,11 @@ from . import build, lifecycle
 from .augment import augment_batch, augment_generator
 from .config import Recipe, default_mode
 from .data import make_loader
-from .errors import UserError
+from .errors import CollectiveFailure, UserError
 from .evaluate import evaluate
-from .runtime import agree_any, from_main, make_accelerator, plan_batches
 from .run_io import agree_run_dir, configure_ddp, export, open_log, resume, save
+from .runtime import agree_any, from_main, make_accelerator, plan_batches
+from .step import StepOutput, handle_nonfinite, train_step
 from .tracking import RunLog
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint saved; please requeue
@@ -33,6 +34,7 @@ class TrainState:
     best_step: int | None = None
     es_best: float | None = None  # best early-stopping monitor value so far
     stale_evals: int = 0  # evaluations without improvement (early stopping)
+    nonfinite_streak: int = 0  # consecutive steps skipped for a NaN/inf gradient
     run_id: str | None = None  # tracker run continued after resume
     history: list = field(default_factory=list)  # world sizes this run has used
 
@@ -72,15 +74,32 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     if run.resume_from:
         state = resume(accelerator, Path(run.resume_from), state)
     log = open_log(accelerator, run_dir, recipe, run, state, total, plan, model, notes)
-    audit = _open_audit(run_dir, accelerator.process_index)
+    loop = Loop(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
+                state, log, run_dir, total, build.steps_per_epoch(len(data.train.y),
+                                                                  recipe.train.batch_size),
+                audit=_open_audit(run_dir, accelerator.process_index),
+                heartbeat=lifecycle.Heartbeat(accelerator.process_index,
+                                              accelerator.num_processes))
     try:
-        result = fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
-                     state, log, run_dir, total, data, audit)
+        return fit(loop, data)
+    except Exception as err:
+        if accelerator.num_processes > 1 and lifecycle.is_collective_failure(err):
+            raise CollectiveFailure(_collective_report(loop, err)) from None
+        raise
     finally:
         log.close()
-        if audit is not None:
-            audit.close()
-    return result
+        if loop.audit is not None:
+            loop.audit.close()
+
+
+def _collective_report(loop: Loop, err: BaseException) -> str:
+    acc, t = loop.accelerator, loop.recipe.train
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return (f"rank {acc.process_index}/{acc.num_processes}: lost the other ranks during "
+            f"{lifecycle.phase()} (train.collective_timeout_s={t.collective_timeout_s}). "
+            f"{loop.heartbeat.peers()}. A rank died or stalled: read its log; the last complete "
+            f"checkpoint in {loop.run_dir / 'checkpoints'} is intact and resumes with the same "
+            f"command. ({first})")
 
 
 def _load_data_once(accelerator, recipe):
@@ -98,96 +117,157 @@ def _load_data_once(accelerator, recipe):
     return data
 
 
-def fit(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
-        state: TrainState, log: RunLog, run_dir: Path, total: int, data, audit=None) -> dict:
+@dataclass
+class Loop:
+    """What the loop works with; one object so the step functions stay small."""
+
+    recipe: Recipe
+    accelerator: object
+    model: object
+    head: object
+    optimizer: object
+    scheduler: object
+    train_dl: object
+    valid_dl: object
+    state: TrainState
+    log: RunLog
+    run_dir: Path
+    total: int
+    per_epoch: int
+    audit: object = None
+    metrics: object = None
+    heartbeat: object = None
+    loss_sum: object = None  # train loss summed on device since the last log line
+    n_loss: int = 0
+    tick: float = 0.0
+    result: dict = field(default_factory=dict)
+
+
+def fit(loop: Loop, data) -> dict:
     """The loop. Periodic work is an explicit `if` at an optimizer-step boundary."""
-    t = recipe.train
+    recipe, state, t = loop.recipe, loop.state, loop.recipe.train
     lifecycle.install()  # no-op if the CLI already did; covers the Python API
-    accum = t.grad_accum
-    per_epoch = build.steps_per_epoch(len(data.train.y), t.batch_size)
-    metrics = _metric_set(recipe, data, accelerator)
-    loss_sum = torch.zeros((), device=accelerator.device)  # on device: no sync per step
-    n_loss, tick, result = 0, time.perf_counter(), {}
-    finished = preempted = False
+    loop.metrics = _metric_set(recipe, data, loop.accelerator)
+    loop.loss_sum = torch.zeros((), device=loop.accelerator.device)  # no sync per step
+    loop.tick = time.perf_counter()
+    outcome = None
     for epoch in range(state.epoch, t.epochs):
-        state.epoch = epoch
-        train_dl.set_epoch(epoch)  # seedable sampler: the order depends on (seed, epoch) only
-        skip = state.step_in_epoch * accum  # resume mid-epoch: micro-batches already trained
-        batches = train_dl
-        if skip:
-            batches = accelerator.skip_first_batches(train_dl, skip)
-            # The new loader's __iter__ calls set_epoch(its own iteration count, 0): without
-            # this it would replay epoch 0's order instead of this epoch's.
-            batches.set_epoch(epoch)
-        log.start_epoch(epoch, t.epochs, per_epoch, state.step_in_epoch)
-        for micro, (x, y, idx) in enumerate(batches, start=skip):
-            if micro >= per_epoch * accum:
-                break  # tail shorter than one accumulation group: dropped (see drop_last)
-            if audit is not None:
-                audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
-            if recipe.data.augment:
-                gen = augment_generator(recipe.seed, state.step, micro % accum,
-                                        accelerator.process_index)
-                x = augment_batch(x, recipe.data.augment, gen)
-            boundary = (micro + 1) % accum == 0
-            want_norm = boundary and (state.step + 1) % t.log_every_steps == 0
-            loss, norm = train_step(model, x, y, head, optimizer, accelerator, boundary,
-                                    accum, t.max_grad_norm, want_norm)
-            loss_sum += loss
-            n_loss += 1
-            if not boundary:
-                continue
-            scheduler.step()  # once per optimizer step: lr(k) is world-size independent
-            state.step += 1
-            state.step_in_epoch += 1
-            if state.step % t.log_every_steps == 0 or state.step == total:
-                tick = _log_train(accelerator, log, state, loss_sum, n_loss, norm, optimizer,
-                                  tick, t)
-                loss_sum.zero_()
-                n_loss = 0
-            else:
-                log.advance()
-            finished = state.step >= total
-            every = recipe.checkpoint.every_steps
-            if every and state.step % every == 0 and not finished:
-                save(accelerator, run_dir, recipe, state)
-            # Collective check every 10 steps (every step on one process): a signal that hit
-            # any rank stops all of them at the same step.
-            if accelerator.num_processes == 1 or state.step % 10 == 0:
-                if agree_any(accelerator, lifecycle.stop_requested()):
-                    preempted = True
-            if finished or preempted:
-                break
-        log.end_epoch()
-        if preempted:
+        outcome = run_epoch(loop, epoch)
+        if outcome == "preempted":
             break
-        end_of_epoch = state.step_in_epoch >= per_epoch
+        end_of_epoch = state.step_in_epoch >= loop.per_epoch
         if end_of_epoch:
             state.epoch, state.step_in_epoch = epoch + 1, 0
-        if valid_dl is not None and (finished or (epoch + 1) % t.eval_every_epochs == 0):
-            result = evaluate(model, valid_dl, head, metrics, accelerator)
-            scheduler.scheduler.observe(result)  # plateau: unwrap accelerate's wrapper
-            log.event("eval", epoch=epoch, step=state.step,
-                      samples=state.step * t.batch_size, **result)
-            log.info(_format_eval(epoch, result))
-            if _early_stop(accelerator, recipe, state, result):
-                log.info(f"early stopping: {t.early_stopping.monitor} did not improve for "
-                         f"{t.early_stopping.patience} evaluations")
-                finished = True
-        ce = recipe.checkpoint.every_epochs
-        if finished or (ce and end_of_epoch and (epoch + 1) % ce == 0):
-            save(accelerator, run_dir, recipe, state)
-        if finished:
+        if loop.valid_dl is not None and (outcome or (epoch + 1) % t.eval_every_epochs == 0):
+            outcome = _evaluate(loop, epoch) or outcome
+        every = recipe.checkpoint.every_epochs
+        if outcome or (every and end_of_epoch and (epoch + 1) % every == 0):
+            lifecycle.set_phase(f"checkpoint save at step {state.step}")
+            save(loop.accelerator, loop.run_dir, recipe, state)
+        if outcome:
             break
-    if preempted:
-        save(accelerator, run_dir, recipe, state)  # collective: every rank, same step
-        _ask_for_requeue(accelerator)
-        log.info(f"stopped by a signal at step {state.step}; checkpoint saved, "
-                 f"exit {EXIT_PREEMPTED} (run the same command again to resume)")
-        raise Preempted(state.step)
-    log.summary(result, state.best_step)  # end-of-run table, main process only
-    export(accelerator, model, run_dir, recipe, data, state, result)
-    return result
+    if outcome == "preempted":
+        _preempted_exit(loop)
+    loop.log.summary(loop.result, state.best_step)  # end-of-run table, main process only
+    export(loop.accelerator, loop.model, loop.run_dir, recipe, data, state, loop.result)
+    return loop.result
+
+
+def run_epoch(loop: Loop, epoch: int) -> str | None:
+    """Micro-batches of one epoch (from the resume position); 'finished' / 'preempted' / None."""
+    recipe, state, acc = loop.recipe, loop.state, loop.accelerator
+    accum = recipe.train.grad_accum
+    state.epoch = epoch
+    loop.train_dl.set_epoch(epoch)  # seedable sampler: the order depends on (seed, epoch) only
+    skip = state.step_in_epoch * accum  # resume mid-epoch: micro-batches already trained
+    batches = loop.train_dl
+    if skip:
+        batches = acc.skip_first_batches(loop.train_dl, skip)
+        # The new loader's __iter__ calls set_epoch(its own iteration count, 0): without this
+        # it would replay epoch 0's order instead of this epoch's.
+        batches.set_epoch(epoch)
+    loop.log.start_epoch(epoch, recipe.train.epochs, loop.per_epoch, state.step_in_epoch)
+    step_rows: list = []
+    outcome = None
+    for micro, (x, y, idx) in enumerate(batches, start=skip):
+        if micro >= loop.per_epoch * accum:
+            break  # tail shorter than one accumulation group: dropped (see drop_last)
+        if loop.audit is not None:
+            loop.audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
+        if recipe.data.augment:
+            gen = augment_generator(recipe.seed, state.step, micro % accum, acc.process_index)
+            x = augment_batch(x, recipe.data.augment, gen)
+        boundary = (micro + 1) % accum == 0
+        step_rows.append(idx)
+        lifecycle.set_phase(f"gradient all-reduce (backward) at step {state.step + 1}")
+        out = train_step(loop, x, y, boundary)
+        loop.loss_sum += out.loss
+        loop.n_loss += 1
+        if boundary:
+            outcome = after_step(loop, out, step_rows)
+            step_rows = []
+            if outcome:
+                break
+    loop.log.end_epoch()
+    return outcome
+
+
+def after_step(loop: Loop, out: StepOutput, step_rows: list) -> str | None:
+    """Bookkeeping at an optimizer-step boundary: schedule, logs, checkpoints, signals."""
+    recipe, state, acc, t = loop.recipe, loop.state, loop.accelerator, loop.recipe.train
+    if out.applied is False:
+        handle_nonfinite(loop, out, step_rows)
+    else:
+        state.nonfinite_streak = 0
+    loop.scheduler.step()  # once per optimizer step: lr(k) is world-size independent
+    state.step += 1
+    state.step_in_epoch += 1
+    if state.step % t.log_every_steps == 0 or state.step == loop.total:
+        lifecycle.set_phase(f"train-loss reduce at step {state.step}")
+        loop.tick = _log_train(acc, loop.log, state, loop.loss_sum, loop.n_loss, out.norm,
+                               loop.optimizer, loop.tick, t)
+        loop.loss_sum.zero_()
+        loop.n_loss = 0
+    else:
+        loop.log.advance()
+    finished = state.step >= loop.total
+    every = recipe.checkpoint.every_steps
+    if every and state.step % every == 0 and not finished:
+        lifecycle.set_phase(f"checkpoint save at step {state.step}")
+        save(acc, loop.run_dir, recipe, state)
+    # Collective check every 10 steps (every step on one process): a signal that hit any
+    # rank stops all of them at the same step.
+    if acc.num_processes == 1 or state.step % 10 == 0:
+        loop.heartbeat.beat(state.step)
+        lifecycle.set_phase(f"stop-request all-reduce at step {state.step}")
+        if agree_any(acc, lifecycle.stop_requested()):
+            return "preempted"
+    return "finished" if finished else None
+
+
+def _evaluate(loop: Loop, epoch: int) -> str | None:
+    state, t = loop.state, loop.recipe.train
+    lifecycle.set_phase(f"evaluation gather at step {state.step}")
+    result = evaluate(loop.model, loop.valid_dl, loop.head, loop.metrics, loop.accelerator)
+    loop.result = result
+    loop.scheduler.scheduler.observe(result)  # plateau: unwrap accelerate's wrapper
+    loop.log.event("eval", epoch=epoch, step=state.step, samples=state.step * t.batch_size,
+                   **result)
+    loop.log.info(_format_eval(epoch, result))
+    if _early_stop(loop.accelerator, loop.recipe, state, result):
+        loop.log.info(f"early stopping: {t.early_stopping.monitor} did not improve for "
+                      f"{t.early_stopping.patience} evaluations")
+        return "finished"
+    return None
+
+
+def _preempted_exit(loop: Loop) -> None:
+    lifecycle.set_phase(f"preemption save at step {loop.state.step}")
+    save(loop.accelerator, loop.run_dir, loop.recipe, loop.state)  # every rank, same step
+    _ask_for_requeue(loop.accelerator)
+    loop.log.info(f"stopped by a signal at step {loop.state.step}; checkpoint saved, "
+                  f"exit {EXIT_PREEMPTED} (run the same command again to resume)")
+    raise Preempted(loop.state.step)
 
 
 def _open_audit(run_dir: Path, rank: int):
@@ -214,31 +294,6 @@ def _ask_for_requeue(accelerator) -> None:
 
 class Preempted(Exception):
     """Raised after the synchronized save; the CLI exits with EXIT_PREEMPTED."""
-
-
-def train_step(model, x, y, head, optimizer, accelerator, boundary: bool, accum: int,
-               max_grad_norm: float | None, want_norm: bool):
-    """One micro-batch: forward, backward (DDP all-reduce only on the accumulation boundary),
-    and on the boundary clip + optimizer step. Returns the un-scaled loss on device."""
-    if boundary:
-        out = model(x)
-        loss = head.loss_fn(out, y)
-        accelerator.backward(loss / accum)
-    else:
-        with accelerator.no_sync(model):  # skip the gradient all-reduce until the boundary
-            out = model(x)
-            loss = head.loss_fn(out, y)
-            accelerator.backward(loss / accum)
-        return loss.detach(), None
-    norm = None
-    if max_grad_norm:
-        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    elif want_norm:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), norm
 
 
 def _log_train(accelerator, log, state, loss_sum, n_loss, norm, optimizer, tick, t) -> float:

@@ -187,7 +187,7 @@ def test_duplicate_step_keeps_last(tmp_path):
 
 def test_missing_metrics_is_user_error(tmp_path):
     (tmp_path / "empty_run").mkdir()
-    with pytest.raises(UserError, match="metrics.jsonl"):
+    with pytest.raises(UserError, match=r"metrics\.jsonl"):
         report.write_report([tmp_path / "empty_run"])
 
 
@@ -196,7 +196,7 @@ def test_missing_metrics_is_user_error(tmp_path):
 )
 def test_empty_or_corrupt_metrics_is_user_error(tmp_path, content):
     (tmp_path / "metrics.jsonl").write_text(content)
-    with pytest.raises(UserError, match="metrics.jsonl"):
+    with pytest.raises(UserError, match=r"metrics\.jsonl"):
         report.load_run(tmp_path)
 
 

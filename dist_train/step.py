@@ -1,0 +1,79 @@
+"""The step body: forward, backward, clip, optimizer step, and the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import NonFiniteStop
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # un-scaled micro-batch loss, on device (never read per step)
+    norm: torch.Tensor | None = None  # global gradient norm, when computed
+    applied: bool | None = None  # None: not a boundary; False: skipped as non-finite
+    bad_params: list[str] = field(default_factory=list)
+
+
+def train_step(loop, x: torch.Tensor, y: torch.Tensor, boundary: bool) -> StepOutput:
+    """One micro-batch: forward, backward (DDP all-reduces only on the accumulation boundary),
+    and on the boundary the guard, clip and optimizer step."""
+    t, acc, model = loop.recipe.train, loop.accelerator, loop.model
+    accum = t.grad_accum
+    if not boundary:
+        with acc.no_sync(model):  # skip the gradient all-reduce until the boundary
+            loss = loop.head.loss_fn(model(x), y)
+            acc.backward(loss / accum)
+        return StepOutput(loss.detach())
+    loss = loop.head.loss_fn(model(x), y)
+    acc.backward(loss / accum)
+    # fp16's grad scaler already skips steps with inf/NaN gradients by design.
+    guard = t.on_nonfinite != "ignore" and t.mixed_precision != "fp16"
+    want_norm = (loop.state.step + 1) % t.log_every_steps == 0
+    norm = None
+    if t.max_grad_norm:
+        norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    elif want_norm or guard:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                              if p.grad is not None])
+    # Gradients were all-reduced in backward, so this test (one host read per step; free on
+    # CPU) gives the same answer on every rank: no extra collective needed to agree.
+    if guard and norm is not None and not bool(torch.isfinite(norm)):
+        bad = [n for n, p in model.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        loop.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss.detach(), norm, applied=False, bad_params=bad)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss.detach(), norm, applied=True)
+
+
+def handle_nonfinite(loop, out: StepOutput, step_rows: list[torch.Tensor]) -> None:
+    """A skipped step: log it; stop (with a diagnostic) when the recipe says so or after too
+    many in a row. The previous complete checkpoint stays the latest: nothing bad is saved."""
+    t, state, acc = loop.recipe.train, loop.state, loop.accelerator
+    state.nonfinite_streak += 1
+    step = state.step + 1
+    loop.log.event("nonfinite", epoch=state.epoch, step=step, streak=state.nonfinite_streak)
+    if t.on_nonfinite == "skip" and state.nonfinite_streak <= t.max_nonfinite_skips:
+        loop.log.info(f"step {step}: non-finite gradient, step skipped "
+                      f"({state.nonfinite_streak}/{t.max_nonfinite_skips} in a row)")
+        return
+    # Collective, reached by every rank (the decision is rank-identical): which rows it was.
+    rows = acc.gather(torch.cat(step_rows)).tolist()
+    path = loop.run_dir / f"nonfinite-step-{step:06d}.json"
+    if acc.is_main_process:
+        path.write_text(json.dumps({
+            "step": step, "epoch": state.epoch, "loss": float(out.loss),
+            "grad_norm": float(out.norm), "params_with_nonfinite_grad": out.bad_params,
+            "batch_rows": rows, "consecutive": state.nonfinite_streak}, indent=2))
+    why = ("train.on_nonfinite is stop" if t.on_nonfinite == "stop" else
+           f"{state.nonfinite_streak} consecutive skips > train.max_nonfinite_skips")
+    raise NonFiniteStop(
+        f"step {step}: non-finite loss/gradient ({why}); parameters affected: "
+        f"{', '.join(out.bad_params[:6]) or 'none (loss only)'}. Diagnostic: {path}. The last "
+        "good checkpoint is untouched. Try a lower optimizer.lr, train.max_grad_norm, or "
+        "train.on_nonfinite: skip; check the rows listed for bad values.")
