@@ -371,7 +371,9 @@ class SweepConfig(Strict):
     trials: int = Field(
         1, ge=1, description="random trials per grid point (no grid params: the number of trials)"
     )
-    seed: int = Field(0, description="seeds the sampling of all trials (same seed, same trials)")
+    seed: int = Field(
+        0, ge=0, description="seeds the sampling of all trials (same seed, same trials)"
+    )
     metric: str = Field("valid/loss", description="valid/loss or valid/<metric> to optimize")
     direction: Literal["min", "max"] | None = Field(
         None, description="min or max (default: from the metric name)"

@@ -305,6 +305,10 @@ def write_report(run_dirs: list[pathlib.Path], out_dir: pathlib.Path | None = No
     from dist_train import report_plots  # lazy: pulls in matplotlib
 
     run_dirs = [pathlib.Path(d) for d in run_dirs]
+    if len(run_dirs) == 1 and _is_sweep_dir(run_dirs[0]):  # metric vs each swept parameter
+        from dist_train.report_sweep import write_sweep_report
+
+        return write_sweep_report(run_dirs[0], out_dir)
     if not run_dirs:
         raise UserError("report: pass at least one run directory.")
     runs = [load_run(d) for d in run_dirs]

@@ -73,10 +73,11 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     state = TrainState(world_size=accelerator.num_processes)
     if run.resume_from:
         state = resume(accelerator, Path(run.resume_from), state)
-    log = open_log(accelerator, run_dir, recipe, run, state, total, plan, model, notes)
+    per_epoch = build.steps_per_epoch(len(data.train.y), recipe.train.batch_size)
+    log = open_log(accelerator, run_dir, recipe, run, state, total, plan, model, notes,
+                   steps_per_epoch=per_epoch)
     loop = Loop(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
-                state, log, run_dir, total, build.steps_per_epoch(len(data.train.y),
-                                                                  recipe.train.batch_size),
+                state, log, run_dir, total, per_epoch,
                 audit=_open_audit(run_dir, accelerator.process_index),
                 heartbeat=lifecycle.Heartbeat(accelerator.process_index,
                                               accelerator.num_processes))
@@ -155,6 +156,7 @@ def fit(loop: Loop, data) -> dict:
         outcome = run_epoch(loop, epoch)
         if outcome == "preempted":
             break
+        paused = time.perf_counter()  # eval and saves are not training time (samples/s)
         end_of_epoch = state.step_in_epoch >= loop.per_epoch
         if end_of_epoch:
             state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -166,6 +168,7 @@ def fit(loop: Loop, data) -> dict:
             save(loop.accelerator, loop.run_dir, recipe, state)
         if outcome:
             break
+        loop.tick += time.perf_counter() - paused
     if outcome == "preempted":
         _preempted_exit(loop)
     loop.log.summary(loop.result, state.best_step)  # end-of-run table, main process only

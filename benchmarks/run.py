@@ -1,0 +1,387 @@
+"""dist_train vs a hand-tuned PyTorch loop on identical work, alternating A B A B.
+
+    .venv/bin/python benchmarks/run.py              # full sizes (~5 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick      # tiny sizes, a smoke test (< 1 min)
+    .venv/bin/python benchmarks/run.py --rounds 7 --cases mlp_bs64,eval
+
+Every measurement is a fresh subprocess (no warm caches shared between A and B); the two
+implementations alternate within each round, and each round gives one paired ratio, so slow
+drift from other load on the machine cancels. Printed: medians and the median paired ratio per
+case against its target; JSON goes to benchmarks/results/.
+
+Cases
+- mlp_bs64, mlp_bs512: MLP 32-256-256-10 (ReLU, dropout 0.1), 200k x 32 rows, 10 classes,
+  SGD lr 1e-3 momentum 0.95, one epoch. dist_train as users run it: console lines, jsonl log,
+  validation and an atomic checkpoint per epoch, model export. The plain loop (plain.py)
+  validates and checkpoints each epoch too. Timed: from the data being in memory to the end
+  (model build, loop, validation, checkpoint, export); loading the files and the one-time
+  imports are the `startup` case's business. Ratio = plain seconds / dist_train seconds (the
+  samples/s ratio), >= 0.95 wanted.
+- digits_cnn: recipes/digits_cnn.yaml (15 epochs, shift augmentation, AdamW + cosine).
+- eval: exact loss + accuracy over all 200k rows at batch 64: dist_train's evaluate()
+  (accelerate loader, gather_for_metrics, torchmetrics) vs a hand loop (argmax). >= 0.90.
+- startup_*: process start -> first optimizer step (`dist-train train` as a user runs it vs
+  `python plain.py`), and the peak RSS of the whole run; <= 1.25x and <= plain + 100 MiB.
+- weights: the MLP without dropout (bs 512, fp32) trained by both; max |difference| of the
+  final weights (same data order, init and math: expected 0 up to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TARGETS = {"train": 0.95, "eval": 0.90, "startup": 1.25, "rss_mib": 100.0}
+
+
+def sizes(quick: bool) -> dict:
+    return {"rows": 4_000 if quick else 200_000, "valid": 1_000 if quick else 20_000,
+            "digits_epochs": 2 if quick else 15, "rounds": 1 if quick else 5}
+
+
+def case_table(quick: bool) -> dict:
+    s = sizes(quick)
+    mlp = {"kind": "mlp", "seed": 0, "epochs": 1, "dropout": 0.1, "log_every": 50}
+    return {
+        "mlp_bs64": mlp | {"batch_size": 64, "eval_batch_size": 64},
+        "mlp_bs512": mlp | {"batch_size": 512, "eval_batch_size": 512},
+        "weights": mlp | {"batch_size": 512, "eval_batch_size": 512, "dropout": 0.0},
+        "digits_cnn": {"kind": "digits", "seed": 0, "epochs": s["digits_epochs"], "batch_size": 64,
+                       "eval_batch_size": 64, "shift": 1, "log_every": 20},
+        "eval": {"kind": "mlp", "batch_size": 64},
+    }
+
+
+def mlp_recipe(work: Path, case: dict) -> str:
+    drop = f"{{dropout: {case['dropout']}}}, " if case["dropout"] else ""
+    return f"""name: bench-mlp
+seed: 0
+data: {{source: "parquet:{work}/train.parquet", valid_source: "parquet:{work}/valid.parquet",
+       target: target, task: multiclass, num_classes: 10}}
+model:
+  layers: [{{linear: 256}}, relu, {drop}{{linear: 256}}, relu, {drop}{{linear: out}}]
+loss: cross_entropy
+optimizer: {{name: sgd, lr: 1.0e-3, momentum: 0.95}}
+train: {{epochs: 1, batch_size: {case['batch_size']}, log_every_steps: {case['log_every']}}}
+metrics: [accuracy]
+"""
+
+
+def prepare(work: Path, quick: bool) -> dict:
+    """Data files, recipes and the shared initial weights (built by dist_train's own builder)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    s, cases = sizes(quick), case_table(quick)
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((32, 10)).astype(np.float32)
+    for name, n in (("train", s["rows"]), ("valid", s["valid"])):
+        x = rng.standard_normal((n, 32)).astype(np.float32)
+        y = np.argmax(x @ teacher + rng.standard_normal((n, 10)).astype(np.float32), axis=1)
+        cols = {f"f{i}": x[:, i] for i in range(32)} | {"target": y.astype(np.int64)}
+        pq.write_table(pa.table(cols), work / f"{name}.parquet")
+    for name, case in cases.items():
+        if case["kind"] == "mlp" and name != "eval":
+            case["recipe"] = str(work / f"{name}.yaml")
+            Path(case["recipe"]).write_text(mlp_recipe(work, case))
+        elif case["kind"] == "digits":
+            case["recipe"] = str(ROOT / "recipes" / "digits_cnn.yaml")
+            case["overrides"] = [f"train.epochs={case['epochs']}"]
+    (work / "cases.json").write_text(json.dumps(cases, indent=1))
+    from dist_train import build
+    from dist_train.recipe import load_recipe
+
+    for kind, name in (("mlp", "mlp_bs512"), ("digits", "digits_cnn")):
+        recipe = load_recipe(cases[name]["recipe"], cases[name].get("overrides", []))
+        data = build.build_data(recipe)
+        net = build.build_net(recipe, data, build.make_head(recipe))
+        torch.save(net.state_dict(), work / f"init-{kind}.pt")
+    return cases
+
+
+# ---------------------------------------------------------------- workers (fresh processes)
+
+def worker(mode: str, name: str, work: Path, out: Path) -> None:
+    import resource
+
+    case = json.loads((work / "cases.json").read_text())[name]
+    sys.path.insert(0, str(HERE))
+    if mode == "train-plain":
+        import plain
+        import torch
+
+        res = plain.train(case, work)
+        torch.save(res.pop("state"), out.with_suffix(".pt"))
+    elif mode == "train-dist":
+        res = dist_train_run(case, work, out)
+    elif mode == "eval-plain":
+        import plain
+
+        res = plain.evaluate(case, work)
+    else:
+        res = dist_eval(case, work)
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.write_text(json.dumps(res, default=float))
+
+
+def dist_train_run(case: dict, work: Path, out: Path) -> dict:
+    """`train()` as the CLI calls it; the clock starts once the data is in memory."""
+    import torchmetrics  # noqa: F401  one-time import cost: measured by the startup case
+    from safetensors.torch import load_file
+
+    from dist_train import build
+    from dist_train.recipe import load_recipe
+    from dist_train.train import train
+
+    recipe = load_recipe(case["recipe"], case.get("overrides", []))
+    marks = {}
+    original = build.build_data
+
+    def timed_build_data(r):
+        t = time.perf_counter()
+        data = original(r)
+        marks["load"] = time.perf_counter() - t
+        return data
+
+    build.build_data = timed_build_data
+    run_dir = work / "runs" / out.stem
+    t0 = time.perf_counter()
+    result = train(recipe, str(run_dir), restart=True)
+    seconds = time.perf_counter() - t0 - marks["load"]
+    import torch
+
+    torch.save(load_file(run_dir / "model.safetensors"), out.with_suffix(".pt"))
+    steps = build.total_steps(recipe, case["rows"]) if "rows" in case else None
+    return {"seconds": seconds, "load_seconds": marks["load"], "steps": steps,
+            "valid": {k: v for k, v in result.items() if not isinstance(v, list)}}
+
+
+def dist_eval(case: dict, work: Path) -> dict:
+    """dist_train's evaluation path: accelerate-prepared loader, gather_for_metrics, exact
+    loss and torchmetrics accuracy over every row."""
+    import torch
+    import torchmetrics  # noqa: F401  (import cost is the startup case's business)
+
+    sys.path.insert(0, str(HERE))
+    import plain
+    from dist_train import build
+    from dist_train.data import Table, make_loader
+    from dist_train.evaluate import evaluate
+    from dist_train.metrics import MetricSet
+    from dist_train.recipe import load_recipe
+    from dist_train.runtime import make_accelerator
+
+    recipe = load_recipe(str(work / "weights.yaml"), [])
+    x, y = plain.load_parquet(work / "train.parquet")
+    model = plain.mlp(0.0)
+    model.load_state_dict(dict(zip(model.state_dict(), torch.load(work / "init-mlp.pt").values(),
+                                   strict=True)))
+    t0 = time.perf_counter()
+    acc = make_accelerator(recipe)
+    loader = acc.prepare(make_loader(Table(x, y), case["batch_size"], False, False))
+    model = acc.prepare(model)
+    metrics = MetricSet(["accuracy"], "multiclass", 10, acc.device)
+    result = evaluate(model, loader, build.make_head(recipe), metrics, acc)
+    return {"seconds": time.perf_counter() - t0, "rows": result["valid/rows"],
+            "loss": result["valid/loss"], "accuracy": result["valid/accuracy"]}
+
+
+def startup(impl: str, name: str, case: dict, work: Path, tag: str) -> dict:
+    """Fresh process as a user starts it; first-step time via a global optimizer-step hook
+    (dist_train) or the script's own callback (plain); peak RSS from wait4."""
+    mark = work / f"first-{tag}.txt"
+    mark.unlink(missing_ok=True)
+    if impl == "plain":
+        cmd = [sys.executable, str(HERE / "plain.py"), str(work), name, "--first-step-file",
+               str(mark)]
+    else:
+        hook = ("import sys,time,torch.optim.optimizer as o\n"
+                "def h(*a):\n"
+                f"    open({str(mark)!r},'x').write(repr(time.time()))\n"
+                "    hd.remove()\n"
+                "hd=o.register_optimizer_step_post_hook(h)\n"
+                "from dist_train.cli import main\n"
+                "sys.exit(main(sys.argv[1:]))\n")
+        cmd = [sys.executable, "-c", hook, "train", case["recipe"], *case.get("overrides", []),
+               "-o", str(work / "runs" / f"startup-{tag}"), "--restart"]
+    env = os.environ | {"HF_DATASETS_CACHE": str(work / "hf-cache"), "WANDB_MODE": "disabled"}
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return {"first_step_s": float(mark.read_text()) - t0, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "total_s": time.time() - t0}
+
+
+def run_worker(mode: str, name: str, work: Path, tag: str) -> dict:
+    out = work / f"res-{tag}.json"
+    env = os.environ | {"HF_DATASETS_CACHE": str(work / "hf-cache"), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", mode, name, str(work), str(out)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {mode} {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- driver
+
+def weight_diff(a: Path, b: Path) -> float:
+    import torch
+
+    def plain_names(state: dict) -> dict:  # dist_train's Net: input_norm.* / layers.N.*
+        strip = ("layers.", "body.", "input_norm.")
+        return {next((k.removeprefix(p) for p in strip if k.startswith(p)), k): v
+                for k, v in state.items()}
+
+    sa, sb = plain_names(torch.load(a)), plain_names(torch.load(b))
+    assert sa.keys() == sb.keys(), (sorted(sa), sorted(sb))
+    return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+
+
+def measure(cases: list[str], table: dict, work: Path, rounds: int) -> dict:
+    runs: dict[str, list] = {c: [] for c in cases}
+    for r in range(rounds):
+        for name in cases:
+            order = ("plain", "dist") if r % 2 == 0 else ("dist", "plain")  # A B, then B A
+            pair = {}
+            for impl in order:
+                tag = f"{name}-{impl}-{r}"
+                if name.startswith("startup_"):
+                    sub = name.removeprefix("startup_")
+                    pair[impl] = startup(impl, sub, table[sub], work, tag)
+                elif name == "eval":
+                    pair[impl] = run_worker(f"eval-{impl}", name, work, tag)
+                else:
+                    pair[impl] = run_worker(f"train-{impl}", name, work, tag)
+                    pair[impl]["weights"] = str(work / f"res-{tag}.pt")
+            if "weights" in pair["plain"]:
+                pair["max_weight_diff"] = weight_diff(Path(pair["plain"]["weights"]),
+                                                      Path(pair["dist"]["weights"]))
+            runs[name].append(pair)
+            print(f"  round {r + 1}/{rounds} {name}: {summary_line(name, pair)}", flush=True)
+    return runs
+
+
+def summary_line(name: str, pair: dict) -> str:
+    if name.startswith("startup_"):
+        return (f"first step plain {pair['plain']['first_step_s']:.2f}s dist "
+                f"{pair['dist']['first_step_s']:.2f}s; RSS plain "
+                f"{pair['plain']['peak_rss_mib']:.0f} dist {pair['dist']['peak_rss_mib']:.0f} MiB")
+    return (f"plain {pair['plain']['seconds']:.3f}s dist {pair['dist']['seconds']:.3f}s "
+            f"ratio {pair['plain']['seconds'] / pair['dist']['seconds']:.3f}")
+
+
+def report(runs: dict, table: dict) -> list[dict]:
+    rows = []
+    med = statistics.median
+    for name, pairs in runs.items():
+        if not pairs:
+            continue
+        if name.startswith("startup_"):
+            fp = [p["plain"]["first_step_s"] for p in pairs]
+            fd = [p["dist"]["first_step_s"] for p in pairs]
+            ratio = med(d / p for p, d in zip(fp, fd))
+            rows.append(row(f"{name}: time to first step (s)", med(fp), med(fd), ratio,
+                            f"<= {TARGETS['startup']}x", ratio <= TARGETS["startup"],
+                            f"{ratio / TARGETS['startup'] - 1:+.0%} over the target"))
+            rp = [p["plain"]["peak_rss_mib"] for p in pairs]
+            rd = [p["dist"]["peak_rss_mib"] for p in pairs]
+            extra = med(d - p for p, d in zip(rp, rd))
+            rows.append(row(f"{name}: peak RSS (MiB)", med(rp), med(rd), extra,
+                            f"<= +{TARGETS['rss_mib']:.0f} MiB", extra <= TARGETS["rss_mib"],
+                            f"{extra - TARGETS['rss_mib']:.0f} MiB over the target",
+                            ratio_label="+MiB"))
+            continue
+        sp = [p["plain"]["seconds"] for p in pairs]
+        sd = [p["dist"]["seconds"] for p in pairs]
+        ratio = med(p / d for p, d in zip(sp, sd))
+        want = TARGETS["eval" if name == "eval" else "train"]
+        r = row(f"{name} (s)", med(sp), med(sd), ratio, f">= {want}", ratio >= want,
+                f"{want - ratio:.3f} below the target")
+        if "max_weight_diff" in pairs[0]:
+            r["max_weight_diff"] = max(p["max_weight_diff"] for p in pairs)
+        r["paired_ratios"] = [round(p / d, 4) for p, d in zip(sp, sd)]
+        rows.append(r)
+    return rows
+
+
+def row(label, plain, dist, ratio, target, ok, miss, ratio_label="ratio") -> dict:
+    return {"case": label, "plain": plain, "dist_train": dist, ratio_label: ratio,
+            "target": target, "met": ok, "miss": None if ok else miss}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'case':44} {'plain':>9} {'dist':>9} {'ratio':>8}  {'target':>12}  result")
+    for r in rows:
+        ratio = r.get("ratio", r.get("+MiB"))
+        note = "ok" if r["met"] else f"MISS: {r['miss']}"
+        if "max_weight_diff" in r:
+            note += f"  (max |w_plain - w_dist| {r['max_weight_diff']:.1e})"
+        print(f"{r['case']:44} {r['plain']:9.3f} {r['dist_train']:9.3f} {ratio:8.3f}  "
+              f"{r['target']:>12}  {note}")
+    print("ratio: training/eval = plain time / dist_train time (samples/s ratio, higher is better);"
+          " startup = dist/plain; RSS = dist - plain (MiB)")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke test)")
+    ap.add_argument("--rounds", type=int, help="rounds of A B pairs (default 5; quick 1)")
+    ap.add_argument("--cases", help="comma-separated subset (default: all)")
+    ap.add_argument("--work", help="scratch directory (default benchmarks/results/work[-quick])")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/<time>.json)")
+    args = ap.parse_args()
+    all_cases = ["weights", "mlp_bs64", "mlp_bs512", "digits_cnn", "eval", "startup_digits_cnn",
+                 "startup_mlp_bs512"]
+    cases = args.cases.split(",") if args.cases else all_cases
+    unknown = set(cases) - set(all_cases)
+    if unknown:
+        ap.error(f"unknown cases {sorted(unknown)}; choose from {all_cases}")
+    results = HERE / "results"
+    work = Path(args.work or results / ("work-quick" if args.quick else "work"))
+    rounds = args.rounds or sizes(args.quick)["rounds"]
+    print(f"preparing data in {work} ...", flush=True)
+    table = prepare(work, args.quick)
+    for c in table.values():
+        c["rows"] = sizes(args.quick)["rows"]
+    (work / "cases.json").write_text(json.dumps(table, indent=1))
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} "
+          f"cores; {rounds} round(s), A/B order alternating", flush=True)
+    t0 = time.time()
+    runs = measure(cases, table, work, rounds)
+    rows = report(runs, table)
+    print_table(rows)
+    load_after = os.getloadavg()
+    import torch
+
+    doc = {"quick": args.quick, "rounds": rounds, "cases": cases, "rows": rows, "runs": runs,
+           "load_before": load, "load_after": load_after, "seconds": time.time() - t0,
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "torch": torch.__version__, "platform": platform.platform(),
+                       "threads": torch.get_num_threads()}}
+    out = Path(args.out) if args.out else results / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=float))
+    print(f"load average after: {load_after[0]:.2f}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Every shipped recipe validates, builds, and trains a few steps on 1 and on 2 processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from procs import ROOT, cli  # noqa: E402
+
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+TINY = ["train.epochs=1", "train.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """digits_finetune starts from a pretrained digits model: make a small one."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    r = cli("train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]",
+            *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "model.safetensors"
+
+
+def _extra(name: str, pretrained: Path) -> list[str]:
+    return [f"finetune.from={pretrained}"] if "finetune" in name else []
+
+
+def _strip_sweep(name: str) -> list[str]:
+    return ["~sweep"] if "sweep" in name else []
+
+
+def test_recipes_are_shipped():
+    assert {"digits_cnn.yaml", "breast_cancer_binary.yaml", "wine_mlp.yaml",
+            "diabetes_regression.yaml", "digits_finetune.yaml"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_header_says_how_to_launch(name):
+    head = (ROOT / "recipes" / name).read_text().splitlines()[:12]
+    assert head[0].startswith("#") and any("dist-train" in line for line in head), name
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_check_and_tiny_dry_run(name, pretrained, tmp_path):
+    extra = _extra(name, pretrained) + _strip_sweep(name)
+    r = cli("check", f"recipes/{name}", *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "# ok:" in r.stdout
+    out = tmp_path / "run"
+    r = cli("train", f"recipes/{name}", "-o", str(out), *TINY, *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_two_process_launch_trains_with_world_size_two(name, pretrained, tmp_path):
+    out = tmp_path / "run"
+    extra = _extra(name, pretrained) + _strip_sweep(name)
+    r = cli("train", f"recipes/{name}", "-o", str(out), *TINY, *extra, nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "finished"
