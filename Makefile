@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint format bench clean
+.PHONY: install train test lint format bench clean reference
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,3 +35,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs wandb .pytest_cache .ruff_cache
+
+# Regenerate the recipe reference in README from the typed config (a test checks it is current).
+reference: $(STAMP)
+	$(BIN)/python -m dist_train.schema_doc README.md

@@ -30,8 +30,9 @@ from torch import nn
 
 
 def mlp(dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 256),
-                         nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 10))
+    drop = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), *drop, nn.Linear(256, 256), nn.ReLU(),
+                         *drop, nn.Linear(256, 10))
 
 
 class DigitsCNN(nn.Module):
@@ -118,7 +119,7 @@ def train(case: dict, work: Path, on_first_step=None) -> dict:
         (xt, yt), (xv, yv), mean, std = load_digits_split(case["seed"])
         model = DigitsCNN(mean, std)
     t0 = time.perf_counter()
-    init = torch.load(work / f"init-{case['kind']}.pt")
+    init = torch.load(case["init"])
     model.load_state_dict(dict(zip(model.state_dict(), init.values(), strict=True)))
     bs, epochs, n = case["batch_size"], case["epochs"], len(yt)
     if case["kind"] == "mlp":
@@ -167,8 +168,8 @@ def train(case: dict, work: Path, on_first_step=None) -> dict:
 def evaluate(case: dict, work: Path) -> dict:
     """Evaluation with exact metrics (loss, accuracy) over every row, batch by batch."""
     x, y = load_parquet(work / "train.parquet")
-    model = mlp(0.0)
-    init = torch.load(work / "init-mlp.pt")
+    model = mlp(0.1)
+    init = torch.load(case["init"])
     model.load_state_dict(dict(zip(model.state_dict(), init.values(), strict=True)))
     t0 = time.perf_counter()
     result = validate(model, x, y, case["batch_size"])

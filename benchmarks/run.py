@@ -103,11 +103,15 @@ def prepare(work: Path, quick: bool) -> dict:
     from dist_train import build
     from dist_train.recipe import load_recipe
 
-    for kind, name in (("mlp", "mlp_bs512"), ("digits", "digits_cnn")):
-        recipe = load_recipe(cases[name]["recipe"], cases[name].get("overrides", []))
+    for name, case in cases.items():
+        if "recipe" not in case:
+            continue
+        recipe = load_recipe(case["recipe"], case.get("overrides", []))
         data = build.build_data(recipe)
         net = build.build_net(recipe, data, build.make_head(recipe))
-        torch.save(net.state_dict(), work / f"init-{kind}.pt")
+        case["init"] = str(work / f"init-{name}.pt")
+        torch.save(net.state_dict(), case["init"])
+    cases["eval"]["init"] = cases["mlp_bs512"]["init"]
     return cases
 
 
@@ -185,8 +189,8 @@ def dist_eval(case: dict, work: Path) -> dict:
 
     recipe = load_recipe(str(work / "weights.yaml"), [])
     x, y = plain.load_parquet(work / "train.parquet")
-    model = plain.mlp(0.0)
-    model.load_state_dict(dict(zip(model.state_dict(), torch.load(work / "init-mlp.pt").values(),
+    model = plain.mlp(0.1)
+    model.load_state_dict(dict(zip(model.state_dict(), torch.load(case["init"]).values(),
                                    strict=True)))
     t0 = time.perf_counter()
     acc = make_accelerator(recipe)

@@ -75,3 +75,21 @@ def reference_markdown() -> str:
         lines.append(f"| `{name}` | {args or '-'} | {doc} |")
     lines += ["", END]
     return "\n".join(lines)
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the generated block in README (`make reference`); True if it changed."""
+    from pathlib import Path
+
+    readme = Path(path)
+    text = readme.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:start] + reference_markdown() + text[end:]
+    readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("README reference updated" if update_readme(sys.argv[1]) else "README reference current")

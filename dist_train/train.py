@@ -257,7 +257,12 @@ def _evaluate(loop: Loop, epoch: int) -> str | None:
     loop.log.event("eval", epoch=epoch, step=state.step, samples=state.step * t.batch_size,
                    **result)
     loop.log.info(_format_eval(epoch, result))
-    if _early_stop(loop.accelerator, loop.recipe, state, result):
+    improved, stop = _early_stop(loop.accelerator, loop.recipe, state, result)
+    if improved and loop.recipe.checkpoint.best:
+        # The best step must exist as a checkpoint to be kept (also between every_* saves).
+        lifecycle.set_phase(f"best checkpoint save at step {state.step}")
+        save(loop.accelerator, loop.run_dir, loop.recipe, state)
+    if stop:
         loop.log.info(f"early stopping: {t.early_stopping.monitor} did not improve for "
                       f"{t.early_stopping.patience} evaluations")
         return "finished"
@@ -334,23 +339,25 @@ def _metric_set(recipe: Recipe, data, accelerator):
     return MetricSet(recipe.metrics, recipe.data.task, data.num_classes, accelerator.device)
 
 
-def _early_stop(accelerator, recipe: Recipe, state: TrainState, result: dict) -> bool:
-    """Best-checkpoint and early-stopping bookkeeping; the stop decision is made on rank 0 and
-    broadcast so every rank leaves the loop at the same step."""
+def _early_stop(accelerator, recipe: Recipe, state: TrainState, result: dict) -> tuple:
+    """Best-checkpoint and early-stopping bookkeeping, decided on rank 0 and broadcast so every
+    rank saves the same best step and leaves the loop at the same step. (improved, stop)"""
     best = recipe.checkpoint.best
     monitor = best.monitor if best else "valid/loss"
-    if _better(result.get(monitor), state.best_value, (best and best.mode) or
-               default_mode(monitor), 0.0):
+    improved = _better(result.get(monitor), state.best_value,
+                       (best and best.mode) or default_mode(monitor), 0.0)
+    if improved:
         state.best_value, state.best_step = result[monitor], state.step
+    stop = False
     es = recipe.train.early_stopping
-    if es is None:
-        return False
-    if _better(result.get(es.monitor), state.es_best, es.mode or default_mode(es.monitor),
-               es.min_delta):
-        state.es_best, state.stale_evals = result[es.monitor], 0
-    else:
-        state.stale_evals += 1
-    return from_main(accelerator, state.stale_evals >= es.patience)
+    if es is not None:
+        if _better(result.get(es.monitor), state.es_best, es.mode or default_mode(es.monitor),
+                   es.min_delta):
+            state.es_best, state.stale_evals = result[es.monitor], 0
+        else:
+            state.stale_evals += 1
+        stop = state.stale_evals >= es.patience
+    return from_main(accelerator, (improved, stop))  # collective: rank 0's decision for all
 
 
 def _better(value, best, mode: str, delta: float) -> bool:
