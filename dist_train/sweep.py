@@ -148,13 +148,18 @@ def plan_trials(recipe: Recipe, source: str = "recipe") -> tuple[list[Trial], Sw
         raw["name"] = f"{recipe.name}-{trial.name}"
         wandb = raw.get("tracking", {}).get("wandb")
         if isinstance(wandb, dict) and not wandb.get("group"):
-            wandb["group"] = f"{recipe.name}-sweep"  # trials side by side in one wandb group
+            wandb["group"] = group_name(recipe.name)  # trials side by side in one wandb group
         shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
         trial.recipe = validate(raw, source=f"{source}: sweep {trial.name} ({shown})")
         trial.hash = recipe_hash(trial.recipe)
         _check_metric(trial.recipe, sweep, source, trial.name)
         trials.append(trial)
     return trials, sweep
+
+
+def group_name(name: str) -> str:
+    """The sweep's name for wandb groups and SLURM jobs: `wine` -> `wine-sweep`."""
+    return name if "sweep" in name else f"{name}-sweep"
 
 
 def _check_metric(recipe: Recipe, sweep: SweepConfig, source: str, name: str) -> None:

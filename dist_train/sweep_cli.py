@@ -234,7 +234,7 @@ def _run_local(
 ) -> None:
     todo = [t for t in trials if sweep.trial_status(sweep_dir / t.name) != "finished"]
     if len(todo) < len(trials):
-        print(f"[sweep] {len(trials) - len(todo)} finished trials skipped", flush=True)
+        print(f"[sweep] skipping {len(trials) - len(todo)} finished trial(s)", flush=True)
     env = dict(os.environ)
     # K trials x N processes share the cores; torch would otherwise start one thread per core
     # in every process.
@@ -382,7 +382,7 @@ def _submit_array(
         sweep_dir=sweep_dir,
         max_concurrent=args.max_concurrent,
         kind=kind,
-        job_name=f"{recipe.name}-sweep",
+        job_name=sweep.group_name(recipe.name),
         python=sys.executable,
         **s,
     )
