@@ -27,6 +27,7 @@ def agree_run_dir(accelerator, recipe, output_dir, restart: bool, allow_changed:
     plan = from_main(accelerator, plan)  # collective: all ranks get rank 0's plan
     if plan.error:
         raise UserError(plan.error)
+    plan.rank_recipe_hashes = _rank_hashes(accelerator, recipe)
     run_dir = Path(plan.run_dir)
     if accelerator.is_main_process:
         if plan.notice:
@@ -37,6 +38,21 @@ def agree_run_dir(accelerator, recipe, output_dir, restart: bool, allow_changed:
         (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     accelerator.wait_for_everyone()  # the directory exists before any rank writes into it
     return plan
+
+
+def _rank_hashes(accelerator, recipe) -> list[str]:
+    """Every rank's hash of the recipe it parsed (collective): ranks that were handed different
+    recipes or overrides would silently train different models; refuse instead."""
+    mine = recipe_hash(recipe)
+    if accelerator.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    hashes = gather_object([mine])
+    if len(set(hashes)) > 1:
+        raise UserError(f"the ranks were given different recipes (hashes {hashes}); launch every "
+                        "rank with the same recipe file and overrides.")
+    return hashes
 
 
 def configure_ddp(accelerator, model, data, head) -> None:
@@ -71,6 +87,7 @@ def open_log(accelerator, run_dir: Path, recipe, run: RunPlan, state, total: int
     state.run_id = log.run_id  # saved with every checkpoint: the resumed job continues this run
     if accelerator.is_main_process:
         info = _run_info(accelerator, recipe, plan, total, model, steps_per_epoch, log.run_id)
+        info["rank_recipe_hashes"] = run.rank_recipe_hashes
         checkpoint.write_json_atomic(run_dir / "run.json", info | {"status": "running"})
         log.info(_plan_text(info, run_dir))
         for note in notes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -17,8 +17,8 @@ import yaml
 from .checkpoint import checkpoint_dir, latest_complete
 
 # Keys that may change between a run and its resume without changing the math.
-NOT_TRAINING_RELEVANT = ("name", "tracking", "checkpoint", "slurm", "train.log_every_steps",
-                         "train.threads")
+NOT_TRAINING_RELEVANT = ("name", "tracking", "checkpoint", "slurm", "sweep",
+                         "train.log_every_steps", "train.threads")
 RUN_FILES = ("metrics.jsonl", "model.safetensors", "run.json", "recipe.yaml", "eval.json",
              "tensorboard", "wandb", "report.html")
 
@@ -29,6 +29,7 @@ class RunPlan:
     resume_from: str | None = None
     error: str | None = None
     notice: str | None = None
+    rank_recipe_hashes: list[str] = field(default_factory=list)  # filled in on every rank
 
 
 def plan_run_dir(output_dir: str | None, name: str, resolved: dict, restart: bool,

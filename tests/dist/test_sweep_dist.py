@@ -49,6 +49,7 @@ def test_parallel_sweep_two_concurrent_2process_trials(tmp_path: Path) -> None:
         assert (info["status"], info["world_size"]) == ("finished", 2), info
         # every rank read this one file; the trainer's hash is the driver's hash
         assert info["recipe_hash"] == entry["recipe_hash"]
+        assert info["rank_recipe_hashes"] == [entry["recipe_hash"]] * 2  # logged by each rank
         assert recipe_hash(load_recipe(trial / "recipe.yaml")) == entry["recipe_hash"]
         assert load_recipe(trial / "recipe.yaml").optimizer.lr == entry["values"]["optimizer.lr"]
     # trial-000 and trial-001 ran at the same time, on different rendezvous ports
