@@ -249,21 +249,25 @@ def array_script(
     max_concurrent: int | None = None,
     kind: str = "cpu",
     job_name: str = "sweep",
+    task_ids: Sequence[int] | None = None,
     **render_kwargs: object,
 ) -> str:
-    """A job array over trial recipes: task i trains trial_recipes[i] into sweep_dir/trial-i.
+    """A job array over trial recipes: task i trains trial_recipes[i] into sweep_dir/trial-NNN.
 
     Why an array: one queue entry for the whole sweep, with `%K` capping how
     many trials run at once. Each task picks its recipe and run dir from
-    SLURM_ARRAY_TASK_ID; requeue is per task (ARRAYJOB_TASK).
+    SLURM_ARRAY_TASK_ID; requeue is per task (ARRAYJOB_TASK). `task_ids` limits the array to
+    some trials (e.g. the unfinished ones of a resumed sweep).
     """
     if not trial_recipes:
         raise ValueError("the sweep has no trials; array_script needs at least one recipe file.")
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"--max-concurrent {max_concurrent} must be at least 1.")
-    n = len(trial_recipes)
+    ids = sorted(task_ids) if task_ids is not None else list(range(len(trial_recipes)))
+    if not ids or ids[0] < 0 or ids[-1] >= len(trial_recipes):
+        raise ValueError(f"task ids {ids} do not index the {len(trial_recipes)} trial recipes.")
     limit = f"%{max_concurrent}" if max_concurrent else ""
-    extra = [*render_kwargs.pop("extra_sbatch", ()), f"--array=0-{n - 1}{limit}"]  # type: ignore[misc]
+    extra = [*render_kwargs.pop("extra_sbatch", ()), f"--array={_ranges(ids)}{limit}"]  # type: ignore[misc]
     text = render_sbatch(
         kind,
         job_name=job_name,
@@ -275,14 +279,24 @@ def array_script(
     )
     table = "\n".join(f"    {_q(r)}" for r in trial_recipes)
     pick = (
-        f"# Job array: task i trains recipe i into RUN_DIR/trial-i.\nDT_RECIPES=(\n{table}\n)\n"
+        f"# Job array: task i trains recipe i into RUN_DIR/trial-NNN.\nDT_RECIPES=(\n{table}\n)\n"
         'RECIPE="${DT_RECIPES[$SLURM_ARRAY_TASK_ID]}"\n'
-        'RUN_DIR="$RUN_DIR/trial-$SLURM_ARRAY_TASK_ID"\n'
+        'RUN_DIR="$RUN_DIR/$(printf \'trial-%03d\' "$SLURM_ARRAY_TASK_ID")"\n'
     )
     head, sep, tail = text.partition(_TASK_LINE)
     if not sep:
         raise KeyError(f"slurm template {kind}.sbatch lacks the line {_TASK_LINE.strip()!r}")
     return head + sep + pick + tail
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (sbatch --array syntax)."""
+    out, start = [], ids[0]
+    for prev, cur in zip(ids, [*ids[1:], None]):
+        if cur is None or cur != prev + 1:
+            out.append(f"{start}-{prev}" if prev > start else str(start))
+            start = cur
+    return ",".join(out)
 
 
 def submit(script_text: str, run_dir: str | os.PathLike[str], dry_run: bool = False) -> str:

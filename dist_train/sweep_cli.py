@@ -384,9 +384,9 @@ def _submit_array(
         kind=kind,
         job_name=sweep.group_name(recipe.name),
         python=sys.executable,
+        task_ids=todo,
         **s,
     )
-    text = array_for(text, len(trials), todo, args.max_concurrent)
     script = sweep_dir / "sweep.sbatch"
     script.write_text(text)
     script.chmod(0o755)
@@ -405,27 +405,6 @@ def _submit_array(
     print(f"  queue / cancel:  squeue -j {job}   scancel {job}")
     print(f"  results:         dist-train sweep --collect -o {sweep_dir}")
     return 0
-
-
-def array_for(text: str, n: int, todo: list[int], max_concurrent: int | None) -> str:
-    """slurm.array_script runs tasks 0..n-1 into RUN_DIR/trial-<i>: run only the unfinished
-    trials, into the sweep's zero-padded trial-NNN directories."""
-    limit = f"%{max_concurrent}" if max_concurrent else ""
-    ranges, start = [], todo[0]
-    for prev, cur in zip(todo, [*todo[1:], None], strict=True):
-        if cur != prev + 1:
-            ranges.append(f"{start}-{prev}" if prev > start else str(start))
-            start = cur
-    padded = 'RUN_DIR="$RUN_DIR/$(printf \'trial-%03d\' "$SLURM_ARRAY_TASK_ID")"\n'
-    swaps = {
-        f"--array=0-{n - 1}{limit}\n": f"--array={','.join(ranges)}{limit}\n",
-        'RUN_DIR="$RUN_DIR/trial-$SLURM_ARRAY_TASK_ID"\n': padded,
-    }
-    for old, new in swaps.items():
-        if text.count(old) != 1:
-            raise RuntimeError(f"slurm.array_script output changed: {old.strip()!r} not found once")
-        text = text.replace(old, new)
-    return text
 
 
 def _refuse_if_queued(sweep_dir: Path) -> None:

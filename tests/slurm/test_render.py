@@ -219,7 +219,7 @@ def test_array_script_picks_recipe_and_run_dir_per_task(tmp_path: Path) -> None:
         text=True,
         env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"},
     ).stdout
-    assert out.strip() == "/sweep/trial-1.yaml|/sweep/s1/trial-1"
+    assert out.strip() == "/sweep/trial-1.yaml|/sweep/s1/trial-001"
     with pytest.raises(ValueError, match="no trials"):
         slurm.array_script([], sweep_dir="/sweep/s1")
 

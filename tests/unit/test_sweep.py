@@ -19,7 +19,7 @@ from dist_train import slurm, sweep
 from dist_train.config import SweepConfig
 from dist_train.errors import UserError
 from dist_train.recipe import load_recipe, recipe_hash, validate
-from dist_train.sweep_cli import array_for, trial_command
+from dist_train.sweep_cli import trial_command
 
 ROOT = Path(__file__).resolve().parents[2]
 WINE_SWEEP = ROOT / "recipes" / "wine_sweep.yaml"
@@ -298,8 +298,7 @@ def test_trial_commands():
 def test_job_array_runs_only_unfinished_trials_into_trial_nnn():
     recipes = [f"/s/trial-{i:03d}/recipe.yaml" for i in range(12)]
     text = slurm.array_script(recipes, sweep_dir="/s", max_concurrent=2, kind="cpu",
-                              num_processes=2)  # fmt: skip
-    text = array_for(text, 12, [0, 1, 2, 5, 7, 8, 11], 2)
+                              num_processes=2, task_ids=[0, 1, 2, 5, 7, 8, 11])  # fmt: skip
     assert "#SBATCH --array=0-2,5,7-8,11%2\n" in text
     assert "printf 'trial-%03d' \"$SLURM_ARRAY_TASK_ID\"" in text
     proc = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
