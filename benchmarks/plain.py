@@ -31,8 +31,15 @@ from torch import nn
 
 def mlp(dropout: float) -> nn.Sequential:
     drop = [nn.Dropout(dropout)] if dropout else []
-    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), *drop, nn.Linear(256, 256), nn.ReLU(),
-                         *drop, nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Linear(32, 256),
+        nn.ReLU(),
+        *drop,
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        *drop,
+        nn.Linear(256, 10),
+    )
 
 
 class DigitsCNN(nn.Module):
@@ -41,9 +48,19 @@ class DigitsCNN(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.1),
-            nn.Flatten(), nn.Linear(512, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10))
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.1),
+            nn.Flatten(),
+            nn.Linear(512, 128),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(128, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body((x - self.mean) / self.std)
@@ -90,8 +107,8 @@ def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int) -> dic
     model.eval()
     loss, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
     for i in range(0, len(y), bs):
-        out = model(x[i:i + bs])
-        yb = y[i:i + bs]
+        out = model(x[i : i + bs])
+        yb = y[i : i + bs]
         loss += F.cross_entropy(out, yb, reduction="sum").double()
         correct += (out.argmax(1) == yb).sum()
     model.train()
@@ -100,12 +117,33 @@ def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int) -> dic
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int) -> None:
     tmp = path.with_suffix(".tmp")
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "rng": torch.get_rng_state()}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "rng": torch.get_rng_state(),
+    }
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a kill never leaves a torn checkpoint
+
+
+def warm_up() -> None:
+    """One throwaway step of each optimizer and a save: the first `optimizer.step()` imports
+    parts of torch (dynamo/distributed helpers, ~1-2 s here) that a timed loop must not count.
+    Both sides of every training case call this before their clock starts."""
+    import io
+
+    model = nn.Linear(2, 2)
+    for opt in (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True),
+        torch.optim.AdamW(model.parameters(), foreach=True),
+    ):
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, io.BytesIO())
 
 
 def train(case: dict, work: Path, on_first_step=None) -> dict:
@@ -113,12 +151,13 @@ def train(case: dict, work: Path, on_first_step=None) -> dict:
     t_load = time.perf_counter()
     torch.manual_seed(case["seed"])
     if case["kind"] == "mlp":
-        (xt, yt), (xv, yv) = load_parquet(work / "train.parquet"), load_parquet(work / "valid.parquet")
+        (xt, yt) = load_parquet(work / "train.parquet")
+        (xv, yv) = load_parquet(work / "valid.parquet")
         model = mlp(case["dropout"])
     else:
         (xt, yt), (xv, yv), mean, std = load_digits_split(case["seed"])
         model = DigitsCNN(mean, std)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     init = torch.load(case["init"])
     model.load_state_dict(dict(zip(model.state_dict(), init.values(), strict=True)))
     bs, epochs, n = case["batch_size"], case["epochs"], len(yt)
@@ -128,15 +167,20 @@ def train(case: dict, work: Path, on_first_step=None) -> dict:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4, foreach=True)
         total, warm = epochs * (n // bs), 20
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) if k < warm
-                                                  else 0.5 * (1 + math.cos(math.pi * min(
-                                                      (k - warm) / (total - warm), 1.0))))
+
+        def cosine(k: int) -> float:
+            if k < warm:
+                return (k + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min((k - warm) / (total - warm), 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     model.train()
     step, loss_sum, first = 0, torch.zeros(()), None
+    intervals, tick = [], time.perf_counter()  # seconds per step, per log interval
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(case["seed"] + epoch))
         for i in range(n // bs):
-            idx = perm[i * bs:(i + 1) * bs]
+            idx = perm[i * bs : (i + 1) * bs]
             xb, yb = xt[idx], yt[idx]
             if case.get("shift"):
                 xb = shift_batch(xb, case["shift"], torch.Generator().manual_seed(step))
@@ -153,16 +197,30 @@ def train(case: dict, work: Path, on_first_step=None) -> dict:
                 if on_first_step:
                     on_first_step(first)
             if step % case["log_every"] == 0:  # read the loss once per log interval
+                now = time.perf_counter()
+                intervals.append((now - tick) / case["log_every"])
+                tick = now
                 print(f"step {step} loss {float(loss_sum) / case['log_every']:.4f}", flush=True)
                 loss_sum.zero_()
         result = validate(model, xv, yv, case["eval_batch_size"])
-        print(f"epoch {epoch + 1} valid loss {result['loss']:.4f} acc {result['accuracy']:.4f}",
-              flush=True)
+        print(
+            f"epoch {epoch + 1} valid loss {result['loss']:.4f} acc {result['accuracy']:.4f}",
+            flush=True,
+        )
         save_checkpoint(work / "plain-ckpt.pt", model, opt, sched, epoch)
+        tick = time.perf_counter()  # like dist_train's samples/s: eval/save pauses excluded
     torch.save(model.state_dict(), work / "plain-model.pt")
     t1 = time.perf_counter()
-    return {"seconds": t1 - t0, "load_seconds": t0 - t_load, "steps": step,
-            "samples": step * bs, "valid": result, "state": model.state_dict()}
+    return {
+        "seconds": t1 - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "step_times": intervals,
+        "load_seconds": t0 - t_load,
+        "steps": step,
+        "samples": step * bs,
+        "valid": result,
+        "state": model.state_dict(),
+    }
 
 
 def evaluate(case: dict, work: Path) -> dict:
@@ -171,19 +229,43 @@ def evaluate(case: dict, work: Path) -> dict:
     model = mlp(0.1)
     init = torch.load(case["init"])
     model.load_state_dict(dict(zip(model.state_dict(), init.values(), strict=True)))
-    t0 = time.perf_counter()
+    validate(model, x[:64], y[:64], case["batch_size"])  # warm-up pass (both sides have one)
+    t0, c0 = time.perf_counter(), time.process_time()
     result = validate(model, x, y, case["batch_size"])
-    return {"seconds": time.perf_counter() - t0, "rows": len(y), **result}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "rows": len(y),
+        **result,
+    }
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent's image across fork + exec, so a child of a big process would report the parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str]) -> None:
     work, name = Path(argv[0]), argv[1]
     case = json.loads((work / "cases.json").read_text())[name]
     first_file = argv[argv.index("--first-step-file") + 1] if "--first-step-file" in argv else None
-    hook = (lambda t: Path(first_file).write_text(repr(t))) if first_file else None
-    out = train(case, work, hook)
+    quit_early = "--exit-after-first-step" in argv
+
+    def hook(t: float) -> None:
+        Path(first_file).write_text(json.dumps({"t": t, "rss": peak_rss_mib()}))
+        if quit_early:
+            os._exit(0)
+
+    out = train(case, work, hook if first_file else None)
     out.pop("state")
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
+    Path(first_file).write_text(
+        json.dumps(json.loads(Path(first_file).read_text()) | {"rss": out["peak_rss_mib"]})
+    )
     if "--result" in argv:
         Path(argv[argv.index("--result") + 1]).write_text(json.dumps(out))
 

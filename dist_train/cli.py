@@ -89,8 +89,20 @@ def cmd_train(args) -> int:
     try:
         train(recipe, args.output_dir, restart=args.restart, allow_changed=args.allow_changed)
     except Preempted:
+        _leave_process_group()
         return EXIT_PREEMPTED
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits (every rank got here through
+    the same final barrier): left to the atexit order, a gloo rank has been seen to abort with
+    "terminate called without an active exception", turning a finished job into a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_check(args) -> int:

@@ -17,17 +17,18 @@ from .config import FinetuneConfig
 from .errors import UserError
 
 
-def load_weights(path_str: str) -> dict[str, torch.Tensor]:
-    """A state dict from model.safetensors, a checkpoint/run directory, or a torch.save file."""
+def load_weights(path_str: str, key: str = "finetune.from") -> dict[str, torch.Tensor]:
+    """A state dict from model.safetensors, a checkpoint/run directory, or a torch.save file
+    (`key` names the recipe key or flag in error messages)."""
     path = Path(path_str)
     if path.is_dir():
         candidate = path / "model.safetensors"
         if not candidate.is_file():
-            raise UserError(f"finetune.from {path}: no model.safetensors in this directory; "
+            raise UserError(f"{key} {path}: no model.safetensors in this directory; "
                             "point at a run directory, a checkpoint directory or a weights file.")
         path = candidate
     if not path.is_file():
-        raise UserError(f"finetune.from {path}: file not found; give the path of a "
+        raise UserError(f"{key} {path}: file not found; give the path of a "
                         "model.safetensors, a checkpoint directory or a .pt state dict.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -35,18 +36,18 @@ def load_weights(path_str: str) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"finetune.from {path}: not a valid safetensors file ({err}).") from None
+            raise UserError(f"{key} {path}: not a valid safetensors file ({err}).") from None
     else:
-        state = _torch_load(path)
+        state = _torch_load(path, key)
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def _torch_load(path: Path, key: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for anything beyond tensors and containers
         raise UserError(
-            f"finetune.from {path}: refused to load: it holds pickled Python objects, not just "
+            f"{key} {path}: refused to load: it holds pickled Python objects, not just "
             f"tensors ({str(err).splitlines()[0][:120]}). Unpickling could run arbitrary code; "
             "save a state dict instead: torch.save(model.state_dict(), path), or use "
             "safetensors.") from None
@@ -54,7 +55,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"finetune.from {path}: expected a state dict (name -> tensor).")
+        raise UserError(f"{key} {path}: expected a state dict (name -> tensor).")
     return obj
 
 

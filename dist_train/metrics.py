@@ -13,9 +13,21 @@ import torch
 
 class MetricSet:
     def __init__(self, names: list[str], task: str, num_classes: int, device: torch.device):
-        import torchmetrics  # lazy: ~2 s of import time, not paid before the first evaluation
+        self.task, self.names, self.num_classes, self.device = task, names, num_classes, device
+        self._metrics: dict | None = None
 
-        self.task = task
+    @property
+    def metrics(self) -> dict:
+        """Built at the first update: `import torchmetrics` costs ~2 s, which would otherwise
+        delay the first training step (the metric set is created before the loop starts)."""
+        if self._metrics is None:
+            self._metrics = self._build(self.names, self.task, self.num_classes, self.device)
+        return self._metrics
+
+    @staticmethod
+    def _build(names: list[str], task: str, num_classes: int, device: torch.device) -> dict:
+        import torchmetrics
+
         kw = {"sync_on_compute": False}
         if task == "multiclass":
             kw |= {"task": "multiclass", "num_classes": num_classes}
@@ -32,7 +44,7 @@ class MetricSet:
             "mae": lambda: torchmetrics.MeanAbsoluteError(sync_on_compute=False),
             "r2": lambda: torchmetrics.R2Score(sync_on_compute=False),
         }
-        self.metrics = {name: makers[name]().to(device) for name in names}
+        return {name: makers[name]().to(device) for name in names}
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         """`scores`: probabilities for classification, predictions for regression."""

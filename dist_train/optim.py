@@ -44,14 +44,17 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
-    # foreach kernels batch the per-parameter update loop (fewer Python-level ops per step).
+    # foreach kernels batch the per-parameter update loop (fewer Python-level ops per step);
+    # on CUDA (the model is placed before this), fused kernels do the whole update in one.
+    cuda = all(p.device.type == "cuda" for p in model.parameters())
+    kernel = {"fused": True} if cuda else {"foreach": True}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, foreach=True)
+                               weight_decay=cfg.weight_decay, **kernel)
     if cfg.name in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                   weight_decay=cfg.weight_decay, foreach=True)
+                   weight_decay=cfg.weight_decay, **kernel)
     return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
 

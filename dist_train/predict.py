@@ -48,7 +48,7 @@ def _eval_batch(recipe, accelerator) -> int:
 
 def load_into(model: torch.nn.Module, path: str) -> None:
     """Strict load; a different architecture is reported tensor by tensor."""
-    state = load_weights(path)
+    state = load_weights(path, key="--checkpoint")
     own = model.state_dict()
     problems = [f"{k}: file {list(state[k].shape)} vs model {list(v.shape)}"
                 for k, v in own.items() if k in state and state[k].shape != v.shape]

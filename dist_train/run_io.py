@@ -20,7 +20,8 @@ from .tracking import RunLog
 
 
 def agree_run_dir(accelerator, recipe, output_dir, restart: bool, allow_changed: bool) -> RunPlan:
-    """Rank 0 decides (timestamp, resume or refuse) and broadcasts; every rank then acts alike."""
+    """Rank 0 decides (timestamp, resume or refuse) and broadcasts; every rank then acts alike.
+    Nothing is written yet (see materialize_run_dir)."""
     plan = None
     if accelerator.is_main_process:
         plan = plan_run_dir(output_dir, recipe.name, resolved(recipe), restart, allow_changed)
@@ -28,6 +29,12 @@ def agree_run_dir(accelerator, recipe, output_dir, restart: bool, allow_changed:
     if plan.error:
         raise UserError(plan.error)
     plan.rank_recipe_hashes = _rank_hashes(accelerator, recipe)
+    return plan
+
+
+def materialize_run_dir(accelerator, plan: RunPlan, recipe) -> None:
+    """Create/clear the run directory and write recipe.yaml — only once the data, model and
+    optimizer were built, so a mistake found while building leaves an existing run untouched."""
     run_dir = Path(plan.run_dir)
     if accelerator.is_main_process:
         if plan.notice:
@@ -37,7 +44,6 @@ def agree_run_dir(accelerator, recipe, output_dir, restart: bool, allow_changed:
             clear_for_new_run(run_dir)
         (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
     accelerator.wait_for_everyone()  # the directory exists before any rank writes into it
-    return plan
 
 
 def _rank_hashes(accelerator, recipe) -> list[str]:
@@ -152,7 +158,15 @@ def resume(accelerator, path: Path, state):
     """Load model/optimizer/schedule/scaler/RNG through accelerate, then our JSON counters."""
     saved = checkpoint.read_state(path)
     accelerator.wait_for_everyone()  # the checkpoint was sealed before anyone loads it
-    accelerator.load_state(str(path))
+    _check_rng_file(path, accelerator.process_index)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # weights_only refusals, corrupt or truncated files
+        raise UserError(
+            f"checkpoint {path}: cannot be loaded ({str(err).splitlines()[0][:160]}). It may be "
+            "corrupt or tampered with (files load only as plain tensors, never as pickled "
+            "code). Delete this checkpoint directory to resume from the previous one, or "
+            "pass --restart.") from None
     for key, value in saved.items():
         if hasattr(state, key):
             setattr(state, key, value)
@@ -163,6 +177,22 @@ def resume(accelerator, path: Path, state):
               f"(global batch unchanged, so the same samples come next)", flush=True)
     state.world_size = accelerator.num_processes
     return state
+
+
+def _check_rng_file(path: Path, rank: int) -> None:
+    """accelerate swallows a refused RNG file (logs at INFO and resumes with fresh RNGs, so the
+    resume is silently inexact); load it the same safe way first and fail loudly instead."""
+    from accelerate.utils.other import load as safe_load  # weights_only + numpy's RNG types
+
+    rng = path / f"random_states_{rank}.pkl"
+    if not rng.is_file():
+        return  # elastic resume onto more ranks: the new ranks start fresh RNG streams
+    try:
+        safe_load(rng, map_location="cpu")
+    except Exception as err:
+        raise UserError(f"checkpoint {path}: {rng.name} cannot be loaded safely "
+                        f"({str(err).splitlines()[0][:120]}); delete this checkpoint directory "
+                        "to resume from the previous one.") from None
 
 
 def export(accelerator, model, run_dir: Path, recipe, data, state, result: dict) -> None:

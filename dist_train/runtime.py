@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,7 +26,7 @@ def make_accelerator(recipe: Recipe):
                         "scaler and fp16 kernels); on a CPU use bf16 or \"no\".")
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
         # Seedable sampler: the shuffle order depends only on (seed, epoch), never on the world
@@ -37,6 +39,36 @@ def make_accelerator(recipe: Recipe):
         kwargs_handlers=[InitProcessGroupKwargs(
             timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
     )
+    if cpu:
+        _cpu_processes(accelerator, recipe.train.threads)
+    return accelerator
+
+
+def _cpu_processes(accelerator, threads: int | None) -> None:
+    """More gloo ranks than cores only adds all-reduce and context-switch cost: say so once.
+    Without `train.threads`, each rank gets its share of the cores (torch would otherwise give
+    every rank all of them: N x cores threads fighting over the cores)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if local > 1 and not threads:
+        torch.set_num_threads(max(1, (cores or 1) // local))
+    if local > (cores or local) and accelerator.is_main_process:
+        warnings.warn(
+            f"{local} processes on {cores} CPU cores: each step will be slower than with "
+            f"{cores} (gloo all-reduce per step, ranks competing for cores). On one machine, one "
+            "process using all cores (train.threads) is usually fastest.", stacklevel=3)
+
+
+def place_model(model: torch.nn.Module, device: torch.device, compile: bool) -> torch.nn.Module:
+    """The model on its device before the optimizer exists (accelerate's prepare would move it
+    later; fused optimizer kernels need the parameters there at construction). `compile` uses
+    `Module.compile()`, in place: parameter names stay `layers.0.weight` in checkpoints and the
+    export (a `torch.compile(model)` wrapper would prefix them with `_orig_mod.`)."""
+    if device.type != "cpu":
+        model = model.to(device)
+    if compile:
+        model.compile()
+    return model
 
 
 @dataclass(frozen=True)

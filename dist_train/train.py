@@ -11,11 +11,19 @@ import torch
 from . import build, lifecycle
 from .augment import augment_batch, augment_generator
 from .config import Recipe, default_mode
-from .data import make_loader
+from .data import fast_batches, make_loader
 from .errors import CollectiveFailure, UserError
 from .evaluate import evaluate
-from .run_io import agree_run_dir, configure_ddp, export, open_log, resume, save
-from .runtime import agree_any, from_main, make_accelerator, plan_batches
+from .run_io import (
+    agree_run_dir,
+    configure_ddp,
+    export,
+    materialize_run_dir,
+    open_log,
+    resume,
+    save,
+)
+from .runtime import agree_any, from_main, make_accelerator, place_model, plan_batches
 from .step import StepOutput, handle_nonfinite, train_step
 from .tracking import RunLog
 
@@ -57,6 +65,11 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     from .finetune import prepare_finetune
 
     notes = prepare_finetune(model, recipe.finetune, accelerator.is_main_process)
+    if accelerator.num_processes > 1:
+        configure_ddp(accelerator, model, data, head)  # probes a CPU copy: before placement
+    # On a GPU the model moves there before the optimizer is built (fused optimizer kernels
+    # need the parameters' device); `train.compile` compiles it in place (clean state dicts).
+    model = place_model(model, accelerator.device, recipe.train.compile)
     optimizer = build.build_optimizer(model, recipe.optimizer)
     total = build.total_steps(recipe, len(data.train.y))
     if total == 0:
@@ -65,8 +78,7 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     scheduler = build.build_scheduler(optimizer, recipe.scheduler, total, recipe.optimizer.lr)
     train_dl = make_loader(data.train, plan.per_device, True, True, seed=recipe.seed)
     valid_dl = make_loader(data.valid, plan.eval_per_device, False, False) if data.valid else None
-    if accelerator.num_processes > 1:
-        configure_ddp(accelerator, model, data, head)
+    materialize_run_dir(accelerator, run, recipe)  # built fine: now the directory may change
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl,
                                                                 scheduler)
     valid_dl = accelerator.prepare(valid_dl) if valid_dl is not None else None
@@ -183,8 +195,11 @@ def run_epoch(loop: Loop, epoch: int) -> str | None:
     state.epoch = epoch
     loop.train_dl.set_epoch(epoch)  # seedable sampler: the order depends on (seed, epoch) only
     skip = state.step_in_epoch * accum  # resume mid-epoch: micro-batches already trained
-    batches = loop.train_dl
-    if skip:
+    # In-memory rows: whole batches sliced by the loader's own (sharded, seeded) batch sampler.
+    batches = fast_batches(loop.train_dl, skip)
+    if batches is None:  # any other loader: accelerate's iteration
+        batches = loop.train_dl
+    if batches is loop.train_dl and skip:
         batches = acc.skip_first_batches(loop.train_dl, skip)
         # The new loader's __iter__ calls set_epoch(its own iteration count, 0): without this
         # it would replay epoch 0's order instead of this epoch's.

@@ -9,7 +9,10 @@
 #  * The shell forwards USR1/TERM to the ranks. Launchers (torchrun,
 #    accelerate launch) are started with USR1 *ignored*, because their default
 #    action on USR1 is to die and orphan the ranks; the ranks inherit the
-#    ignore only until the trainer installs its own USR1 handler.
+#    ignore only until the trainer installs its own USR1 handler. A signal
+#    that lands before that would be lost, so the shell re-sends it every
+#    DT_REFORWARD_S (5) seconds until the launcher exits (the trainer's
+#    handler is idempotent).
 #  * The trainer saves a checkpoint, touches $DIST_TRAIN_REQUEUE_FILE and exits
 #    75. Launchers turn a rank's 75 into 1, hence the file. On 75 or the file,
 #    this script requeues the job (array-aware) and exits 0; the next run uses
@@ -26,15 +29,22 @@ dt_start() {
     DT_CHILD=$!
 }
 
-# Forward signal $1 to the ranks. DT_FORWARD=children: the ranks are the
-# launcher's direct children, each in its own session (torch elastic starts
-# them so), so a process-group kill would miss them: signal each child.
-# DT_FORWARD=self: DT_CHILD is srun, which relays the signal to every task of
-# the step on every node.
+# Forward signal $1 to the ranks and remember it in DT_SIGNAL (dt_wait
+# re-sends it). DT_FORWARD=children: the ranks are the launcher's direct
+# children, each in its own session (torch elastic starts them so), so a
+# process-group kill would miss them: signal each child. DT_FORWARD=self:
+# DT_CHILD is srun, which relays the signal to every task of the step on
+# every node. $2=again: a re-send from dt_wait.
 dt_forward() {
     local sig=$1
-    [[ -n "${DT_CHILD:-}" && -z "${DT_REQUEUING:-}" ]] || return 0
-    dt_log "got SIG$sig: forwarding to the ranks (mode ${DT_FORWARD:-children})"
+    [[ -z "${DT_REQUEUING:-}" ]] || return 0
+    DT_SIGNAL=$sig
+    [[ -n "${DT_CHILD:-}" ]] || return 0
+    if [[ "${2:-}" == again ]]; then
+        dt_log "re-sending SIG$sig to the ranks (they may have ignored it during start-up)"
+    else
+        dt_log "got SIG$sig: forwarding to the ranks (mode ${DT_FORWARD:-children})"
+    fi
     if [[ "${DT_FORWARD:-children}" == self ]]; then
         kill -s "$sig" "$DT_CHILD" 2>/dev/null || true
     else
@@ -42,14 +52,32 @@ dt_forward() {
     fi
 }
 
-# Wait for DT_CHILD; a trapped signal interrupts `wait`, so loop until it is
-# gone and return its real exit status.
+# Wait for DT_CHILD and return its real exit status. A trapped signal
+# interrupts `wait`; then loop. Once a signal has come (DT_SIGNAL), poll once
+# a second and re-send it every DT_REFORWARD_S seconds until DT_CHILD is gone:
+# ranks still starting up have USR1 ignored (inherited from dt_start) and
+# would drop it, and `pkill -P` finds no ranks before the launcher forks them.
 dt_wait() {
-    local rc=0
+    local rc=0 ticks=0 every="${DT_REFORWARD_S:-5}"
     while :; do
-        wait "$DT_CHILD"
-        rc=$?
-        kill -0 "$DT_CHILD" 2>/dev/null || break
+        if [[ -z "${DT_SIGNAL:-}" ]]; then
+            wait "$DT_CHILD"
+            rc=$?
+            # No signal trapped: `wait` was not interrupted, rc is the real status.
+            [[ -n "${DT_SIGNAL:-}" ]] || break
+            continue
+        fi
+        if ! kill -0 "$DT_CHILD" 2>/dev/null; then
+            wait "$DT_CHILD"  # gone: its real status (bash keeps it once reaped)
+            rc=$?
+            break
+        fi
+        sleep 1
+        ticks=$((ticks + 1))
+        if ((ticks >= every)) && kill -0 "$DT_CHILD" 2>/dev/null; then
+            ticks=0
+            dt_forward "$DT_SIGNAL" again
+        fi
     done
     return "$rc"
 }

@@ -19,7 +19,29 @@ import yaml
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from procs import ROOT, env, free_port  # noqa: E402
+from procs import (  # noqa: E402  (re-exported: test modules import from here)
+    ROOT,
+    bitwise_equal,
+    cli,
+    env,
+    free_port,
+    kill_tree,
+    max_diff,
+    run_until_then_kill,
+    weights,
+)
+
+__all__ = [
+    "ROOT",
+    "bitwise_equal",
+    "cli",
+    "env",
+    "free_port",
+    "kill_tree",
+    "max_diff",
+    "run_until_then_kill",
+    "weights",
+]
 
 RECIPE = {
     "name": "rel",
@@ -120,14 +142,25 @@ class Ranks:
         logs.mkdir(parents=True, exist_ok=True)
         self.logs, self.procs, self.ended = logs, [], {}
         for rank in range(world):
-            rank_env = env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                           LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                           LOCAL_WORLD_SIZE=str(world), **extra_env)
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "dist_train", *args], cwd=ROOT, env=rank_env,
-                stdout=open(logs / f"rank{rank}.out", "w"),  # noqa: SIM115 (child owns it)
-                stderr=open(logs / f"rank{rank}.err", "w"),  # noqa: SIM115
-                start_new_session=True))
+            rank_env = env(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world),
+                **extra_env,
+            )
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "dist_train", *args],
+                    cwd=ROOT,
+                    env=rank_env,
+                    stdout=open(logs / f"rank{rank}.out", "w"),  # noqa: SIM115 (child owns it)
+                    stderr=open(logs / f"rank{rank}.err", "w"),  # noqa: SIM115
+                    start_new_session=True,
+                )
+            )
 
     def wait(self, rank: int, timeout: float) -> tuple[int | None, float]:
         """(exit code or None if still running after `timeout`, monotonic time it ended)."""

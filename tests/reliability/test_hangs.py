@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from rel_helpers are parameters here)
 """Hangs: a rank that dies or stalls must not freeze the others. The survivor exits 4 within
 `train.collective_timeout_s` (+ slack) and says which rank stopped answering and during which
 operation.
@@ -29,8 +30,15 @@ PHASE = re.compile(
 def _start(recipe, tmp_path) -> tuple[Ranks, object]:
     run = tmp_path / "run"
     # Long enough that it cannot finish before the fault (1000 steps, ~10+ s on 2 CPU ranks).
-    args = ["train", str(recipe), "-o", str(run), "train.epochs=50",
-            f"train.collective_timeout_s={TIMEOUT_S}", "checkpoint.every_steps=10"]
+    args = [
+        "train",
+        str(recipe),
+        "-o",
+        str(run),
+        "train.epochs=50",
+        f"train.collective_timeout_s={TIMEOUT_S}",
+        "checkpoint.every_steps=10",
+    ]
     ranks = Ranks(args, tmp_path / "logs")
     deadline = time.monotonic() + 120
     while logged_steps(run) < 25:  # mid-training: some heartbeats (every 10 steps) recorded

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from rel_helpers are parameters here)
 """Numerical faults: a non-finite loss/gradient is never applied; `train.on_nonfinite` chooses
 stop (diagnostic file, exit 3, last good checkpoint kept) or skip (logged, with a limit on
 consecutive skips); every rank takes the same decision at the same step.
@@ -18,15 +19,15 @@ import pytest
 from rel_helpers import (
     TRAIN_ROWS,
     Ranks,
+    cli,
     events,
     poison,
     rel_data,  # noqa: F401 (fixture)
     table_lines,
+    weights,
     write_recipe,
     write_table,
 )
-
-from procs import cli, weights
 
 BAD_ROW = 100  # in the 8th batch of epoch 0 with seed 3: after the checkpoints at steps 3 and 6
 EVERY = 3
@@ -52,7 +53,9 @@ def _first_step_with(run: Path, row: int) -> tuple[int, set[int]]:
 
 
 def _complete(run: Path) -> list[str]:
-    return sorted(p.name for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
+    return sorted(
+        p.name for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()
+    )
 
 
 def _check_stop(run: Path, err: str, nproc: int) -> int:
@@ -88,8 +91,9 @@ def test_stop_writes_a_diagnostic_and_keeps_the_last_good_checkpoint(rel_data, t
     r = cli("train", str(recipe), "-o", str(run), *COMMON)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {run}/checkpoints/step-{(step - 1) // EVERY * EVERY:06d}" in r.stdout
-    assert all(math.isfinite(float(v.abs().max())) for v in weights(run / "model.safetensors")
-               .values())
+    assert all(
+        math.isfinite(float(v.abs().max())) for v in weights(run / "model.safetensors").values()
+    )
 
 
 def test_skip_logs_each_bad_step_and_training_goes_on(rel_data, tmp_path):
@@ -109,8 +113,15 @@ def test_too_many_consecutive_skips_stop(rel_data, tmp_path):
     # Every 4th row bad: (almost) every batch of 24 holds one, so skips come in a row.
     recipe = _recipe(tmp_path, rel_data, list(range(0, TRAIN_ROWS, 4)))
     run = tmp_path / "run"
-    r = cli("train", str(recipe), "-o", str(run), *COMMON, "train.on_nonfinite=skip",
-            "train.max_nonfinite_skips=2")
+    r = cli(
+        "train",
+        str(recipe),
+        "-o",
+        str(run),
+        *COMMON,
+        "train.on_nonfinite=skip",
+        "train.max_nonfinite_skips=2",
+    )
     assert r.returncode == 3, r.stderr[-3000:]
     assert "3 consecutive skips > train.max_nonfinite_skips" in r.stderr
     assert "Traceback" not in r.stderr
@@ -141,16 +152,21 @@ def test_two_ranks_stop_at_the_same_step_with_rows_of_both(two_rank_stop):
     step = _check_stop(run, ranks.err(0), nproc=2)
     # Both ranks stopped at that step: neither trained past it.
     for rank in (0, 1):
-        steps = [int(ln.split()[1]) for ln in (run / "samples" / f"rank-{rank}.log")
-                 .read_text().splitlines()]
+        steps = [
+            int(ln.split()[1])
+            for ln in (run / "samples" / f"rank-{rank}.log").read_text().splitlines()
+        ]
         assert max(steps) + 1 == step
     assert "error:" not in ranks.err(1)  # said once, by rank 0
 
 
 @pytest.mark.dist
-@pytest.mark.xfail(strict=True, reason="BUG dist_train/step.py:train_step names parameters of "
-                   "the DDP-wrapped model: `module.layers.0.weight` on 2 ranks, "
-                   "`layers.0.weight` on 1 (the diagnostic is not world-size invariant)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG dist_train/step.py:train_step names parameters of "
+    "the DDP-wrapped model: `module.layers.0.weight` on 2 ranks, "
+    "`layers.0.weight` on 1 (the diagnostic is not world-size invariant)",
+)
 def test_two_rank_diagnostic_names_parameters_as_on_one_process(two_rank_stop):
     run, ranks, _ = two_rank_stop
     (diag,) = run.glob("nonfinite-step-*.json")

@@ -250,9 +250,14 @@ def test_requeue_target_is_array_aware(env: dict[str, str], ref: str) -> None:
 FAKE_LAUNCHER = """\
 import signal, subprocess, sys
 # Like torchrun: ranks in their own sessions; dies on USR1 (default action); exit 1 if a rank fails.
-rank = "import os,signal,sys,time\\nsignal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\\n" \\
+# Each rank keeps the inherited USR1 disposition (ignored under dt_start) for argv[3] seconds of
+# "start-up" before installing its handler, like the trainer importing its modules.
+rank = "import signal,sys,time\\nopen(sys.argv[1] + '.started', 'w').close()\\n" \\
+       "time.sleep(float(sys.argv[2]))\\n" \\
+       "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\\n" \\
        "open(sys.argv[1] + '.ready', 'w').close()\\ntime.sleep(60)\\n"
-procs = [subprocess.Popen([sys.executable, "-c", rank, f"{sys.argv[1]}/rank{i}"],
+delay = sys.argv[3] if len(sys.argv) > 3 else "0"
+procs = [subprocess.Popen([sys.executable, "-c", rank, f"{sys.argv[1]}/rank{i}", delay],
                           start_new_session=True) for i in range(2)]
 codes = [p.wait() for p in procs]
 open(sys.argv[1] + "/codes", "w").write(" ".join(map(str, codes)))
@@ -286,6 +291,41 @@ def test_usr1_reaches_the_ranks_and_the_job_is_requeued(tmp_path: Path) -> None:
     assert (tmp_path / "codes").read_text() == "75 75"
     assert log.read_text().split("\n")[0] == "requeue 4242"
     assert "forwarding to the ranks" in err
+
+
+def test_a_signal_lost_during_start_up_is_sent_again(tmp_path: Path) -> None:
+    """USR1 that reaches the ranks while they still ignore it (start-up, before the trainer's
+    handler) is lost; the batch shell re-sends it until the launcher exits, so the ranks still
+    stop with a checkpoint and the job is requeued."""
+    (tmp_path / "launcher.py").write_text(FAKE_LAUNCHER)
+    log = tmp_path / "scontrol.log"
+    bindir = fake_bin(tmp_path, "scontrol", f'echo "$*" >> {log}\n')
+    script = (
+        f"RUN_DIR={tmp_path}\n"
+        + _glue(render("cpu"))
+        + f"dt_run {sys.executable} {tmp_path}/launcher.py {tmp_path} "
+        '"$DIST_TRAIN_REQUEUE_FILE" 1.5\n'
+        "dt_finish $?\n"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4343",
+        "DT_REFORWARD_S": "1",
+    }
+    shell = subprocess.Popen(["bash", "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not all((tmp_path / f"rank{i}.started").exists() for i in range(2)):
+        assert time.monotonic() < deadline and shell.poll() is None, "ranks did not start"
+        time.sleep(0.02)
+    shell.send_signal(signal.SIGUSR1)  # the ranks ignore USR1 for 1.5 s more
+    sent = time.monotonic()
+    _, err = shell.communicate(timeout=20)
+    assert shell.returncode == 0, err
+    assert (tmp_path / "codes").read_text() == "75 75", err
+    assert log.read_text().split("\n")[0] == "requeue 4343"
+    assert "got SIGUSR1: forwarding" in err and "re-sending SIGUSR1" in err, err
+    assert time.monotonic() - sent < 10, err
 
 
 def test_plain_failure_is_not_requeued(tmp_path: Path) -> None:

@@ -1,0 +1,78 @@
+"""Hot-path pieces: the direct batch iteration equals accelerate's, the fast grad norm equals
+torch's, `train.compile` keeps clean parameter names, and the CPU process-count warning."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_train.data import Table, fast_batches, make_loader
+from dist_train.runtime import place_model
+from dist_train.step import _total_norm
+
+
+def _accelerator():
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    return Accelerator(
+        cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3)
+    )
+
+
+def test_fast_batches_match_the_prepared_loader():
+    acc = _accelerator()
+    table = Table(torch.randn(103, 4), torch.randint(0, 3, (103,)))
+    loader = acc.prepare(make_loader(table, 8, True, True, seed=3))
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        slow = list(loader)
+        for skip in (0, 5):
+            loader.set_epoch(epoch)
+            fast = list(fast_batches(loader, skip))
+            assert len(fast) == len(slow) - skip
+            for a, b in zip(slow[skip:], fast, strict=True):
+                assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert fast_batches(acc.prepare(torch.utils.data.DataLoader(range(10))), 0) is None
+
+
+def test_total_norm_equals_torch():
+    grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2)]
+    assert torch.equal(_total_norm(grads), torch.nn.utils.get_total_norm(grads))
+    grads[1][0] = float("nan")
+    assert not torch.isfinite(_total_norm(grads))
+
+
+def test_compile_keeps_state_dict_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    eager = model(x)
+    names = list(model.state_dict())
+    compiled = place_model(model, torch.device("cpu"), compile=True)
+    try:
+        out = compiled(x)
+    except Exception as err:  # no working compiler toolchain for inductor on this machine
+        import pytest
+
+        pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {err}"[:200])
+    assert torch.allclose(out, eager, atol=1e-6)
+    assert list(compiled.state_dict()) == names  # no `_orig_mod.` prefix
+    assert not any("_orig_mod" in n for n, _ in compiled.named_parameters())
+
+
+def test_more_cpu_processes_than_cores_warns_once(monkeypatch):
+    import pytest
+
+    from dist_train.runtime import _cpu_processes
+
+    class Acc:
+        num_processes, is_main_process = 1, True
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "512")
+    try:
+        with pytest.warns(UserWarning, match="512 processes on"):
+            _cpu_processes(Acc(), threads=None)
+        assert torch.get_num_threads() == 1  # each rank gets its share of the cores
+    finally:
+        torch.set_num_threads(before)
