@@ -165,7 +165,7 @@ def dist_train_run(case: dict, work: Path, out: Path) -> dict:
 
     from dist_train import build
     from dist_train.recipe import load_recipe
-    from dist_train.train import train
+    from dist_train.trainer import train
 
     recipe = load_recipe(case["recipe"], case.get("overrides", []))
     marks = {}

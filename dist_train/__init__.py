@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["load_recipe", "train", "UserError"]
+__all__ = ["UserError", "load_recipe", "train"]
 
 from .errors import UserError
 from .recipe import load_recipe
@@ -11,7 +11,7 @@ from .recipe import load_recipe
 
 def train(recipe, output_dir: str | None = None, **kwargs) -> dict:
     """Train a `Recipe` (or a recipe path); returns the final validation metrics."""
-    from .train import train as _train
+    from .trainer import train as _train
 
     if not hasattr(recipe, "model_dump"):
         recipe = load_recipe(recipe)

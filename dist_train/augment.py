@@ -49,5 +49,6 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     ).to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     smooth = cfg.rotation or cfg.scale
-    return F.grid_sample(x, grid, mode="bilinear" if smooth else "nearest",
-                         padding_mode="zeros", align_corners=False)
+    return F.grid_sample(
+        x, grid, mode="bilinear" if smooth else "nearest", padding_mode="zeros", align_corners=False
+    )

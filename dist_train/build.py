@@ -29,16 +29,25 @@ class Head:
 
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.loss == "cross_entropy":
-            return F.cross_entropy(out, y, label_smoothing=self.label_smoothing,
-                                   reduction=reduction)
+            return F.cross_entropy(
+                out, y, label_smoothing=self.label_smoothing, reduction=reduction
+            )
         out, yf = out.squeeze(-1), y.to(out.dtype)
         if self.loss == "bce_with_logits":
             pw = None if self.pos_weight is None else out.new_tensor(self.pos_weight)
             return F.binary_cross_entropy_with_logits(out, yf, pos_weight=pw, reduction=reduction)
-        fn = {"bce": F.binary_cross_entropy, "mse": F.mse_loss, "l1": F.l1_loss,
-              "smooth_l1": F.smooth_l1_loss, "huber": F.huber_loss}[self.loss]
-        return fn(out.float() if self.loss == "bce" else out, yf.float() if self.loss == "bce"
-                  else yf, reduction=reduction)
+        fn = {
+            "bce": F.binary_cross_entropy,
+            "mse": F.mse_loss,
+            "l1": F.l1_loss,
+            "smooth_l1": F.smooth_l1_loss,
+            "huber": F.huber_loss,
+        }[self.loss]
+        return fn(
+            out.float() if self.loss == "bce" else out,
+            yf.float() if self.loss == "bce" else yf,
+            reduction=reduction,
+        )
 
     def scores(self, out: torch.Tensor) -> torch.Tensor:
         """Class probabilities (multiclass [N, K]; binary: P(class 1) [N]) or predictions."""
@@ -53,8 +62,9 @@ class Head:
 
 
 def make_head(recipe: Recipe) -> Head:
-    return Head(recipe.data.task, recipe.loss.name, recipe.loss.label_smoothing,
-                recipe.loss.pos_weight)
+    return Head(
+        recipe.data.task, recipe.loss.name, recipe.loss.label_smoothing, recipe.loss.pos_weight
+    )
 
 
 def build_data(recipe: Recipe) -> DataBundle:
@@ -66,8 +76,14 @@ def build_net(recipe: Recipe, data: DataBundle, head: Head) -> Net:
     out = head.out_features or data.num_classes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        net = build_model(recipe.model.layers, recipe.model.module, recipe.model.init,
-                          data.input_shape, out, data.norm)
+        net = build_model(
+            recipe.model.layers,
+            recipe.model.module,
+            recipe.model.init,
+            data.input_shape,
+            out,
+            data.norm,
+        )
     _check_output(net, data.input_shape, out, recipe)
     return net
 
@@ -81,9 +97,11 @@ def _check_output(net: Net, input_shape: tuple[int, ...], out: int, recipe: Reci
     net.train(was_training)
     if got != (out,):
         need = f"{out} ({recipe.data.task}, loss {recipe.loss.name})"
-        raise UserError(f"model: the last layer outputs shape {list(got)} per row but the task "
-                        f"needs {need}; end model.layers with `- linear: out` (plus sigmoid "
-                        "for loss bce).")
+        raise UserError(
+            f"model: the last layer outputs shape {list(got)} per row but the task "
+            f"needs {need}; end model.layers with `- linear: out` (plus sigmoid "
+            "for loss bce)."
+        )
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:

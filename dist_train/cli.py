@@ -21,8 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("-o", "--output-dir", help="run directory (default runs/<name>/<timestamp>)")
     p.add_argument("--restart", action="store_true", help="discard the run directory's state")
-    p.add_argument("--allow-changed", action="store_true",
-                   help="resume even though training-relevant recipe fields changed")
+    p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="resume even though training-relevant recipe fields changed",
+    )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("check", help="validate and build everything without training")
     _recipe_args(p)
@@ -30,18 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="layer table: output shapes, trainable/frozen parameters")
     _recipe_args(p)
     p.set_defaults(func=cmd_summary)
-    for name, helptext in (("eval", "metrics of a checkpoint on the validation split or --data"),
-                           ("predict", "predictions of a checkpoint for --data, as CSV")):
+    for name, helptext in (
+        ("eval", "metrics of a checkpoint on the validation split or --data"),
+        ("predict", "predictions of a checkpoint for --data, as CSV"),
+    ):
         p = sub.add_parser(name, help=helptext)
         _recipe_args(p)
-        p.add_argument("--checkpoint", required=True,
-                       help="model.safetensors, a run directory or a checkpoint directory")
-        p.add_argument("--data", required=(name == "predict"),
-                       help="another data source (csv:PATH, ...) instead of the validation split")
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="model.safetensors, a run directory or a checkpoint directory",
+        )
+        p.add_argument(
+            "--data",
+            required=(name == "predict"),
+            help="another data source (csv:PATH, ...) instead of the validation split",
+        )
         p.add_argument("-o", "--output", help="output file (eval: JSON, predict: CSV)")
         p.set_defaults(func=cmd_eval if name == "eval" else cmd_predict)
-    sub.add_parser("report", help="HTML report and PNG plots of run directories",
-                   add_help=False)  # its own parser lives in report.py
+    sub.add_parser(
+        "report", help="HTML report and PNG plots of run directories", add_help=False
+    )  # its own parser lives in report.py
     p = sub.add_parser("schema", help="print the recipe reference (markdown)")
     p.set_defaults(func=cmd_schema)
     from . import slurm_cli, sweep_cli
@@ -59,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         # Overrides may also come after flags (`train R.yaml -o DIR a.b=1`).
-        if extra and hasattr(args, "overrides") and all("=" in e or e.startswith("~")
-                                                        for e in extra):
+        if (
+            extra
+            and hasattr(args, "overrides")
+            and all("=" in e or e.startswith("~") for e in extra)
+        ):
             args.overrides += extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -84,7 +99,7 @@ def cmd_train(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from .train import EXIT_PREEMPTED, Preempted, train
+    from .trainer import EXIT_PREEMPTED, Preempted, train
 
     try:
         train(recipe, args.output_dir, restart=args.restart, allow_changed=args.allow_changed)

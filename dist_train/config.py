@@ -55,12 +55,14 @@ def _layer(raw: object) -> LayerSpec:
         if first["type"] == "extra_forbidden":
             close = difflib.get_close_matches(arg, list(args_model.model_fields), n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise ValueError(f"`{name}` argument `{arg}`: unknown argument{hint} "
-                             f"(arguments: {known})") from None
+            raise ValueError(
+                f"`{name}` argument `{arg}`: unknown argument{hint} (arguments: {known})"
+            ) from None
         shown = "input" in first and first["type"] != "missing"
         got = f" (got {first['input']!r})" if shown else ""
-        raise ValueError(f"`{name}` argument `{arg}`: {first['msg']}{got} "
-                         f"(arguments: {known})") from None
+        raise ValueError(
+            f"`{name}` argument `{arg}`: {first['msg']}{got} (arguments: {known})"
+        ) from None
 
 
 Layer = Annotated[LayerSpec, BeforeValidator(_layer)]
@@ -88,7 +90,9 @@ class DataConfig(Strict):
         None, description="separate validation data (same forms as source); else a split"
     )
     split: str = Field("train", description="split of a hub/disk/imagefolder dataset to load")
-    features: list[str] | None = Field(None, description="feature columns (default: all but target)")
+    features: list[str] | None = Field(
+        None, description="feature columns (default: all but target)"
+    )
     target: str = Field("target", description="target column")
     task: Literal["binary", "multiclass", "regression"] = Field(description="learning task")
     num_classes: int | None = Field(None, ge=2, description="classes (default: from the labels)")
@@ -103,14 +107,26 @@ class DataConfig(Strict):
     )
     image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W]")
     channels: Literal[1, 3] = Field(3, description="imagefolder: 1 = grayscale, 3 = RGB")
-    eval_batch_size: int | None = Field(None, ge=1, description="global eval batch (default: train)")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="global eval batch (default: train)"
+    )
     augment: AugmentConfig | None = Field(None, description="training-split augmentation")
 
 
 class InitScheme(Strict):
     name: Literal[
-        "default", "uniform", "normal", "trunc_normal", "xavier_uniform", "xavier_normal",
-        "kaiming_uniform", "kaiming_normal", "orthogonal", "zeros", "ones", "constant",
+        "default",
+        "uniform",
+        "normal",
+        "trunc_normal",
+        "xavier_uniform",
+        "xavier_normal",
+        "kaiming_uniform",
+        "kaiming_normal",
+        "orthogonal",
+        "zeros",
+        "ones",
+        "constant",
     ] = Field(description="an nn.init scheme (`default` keeps PyTorch's)")
     a: float | None = Field(None, description="uniform lower bound / kaiming negative slope")
     b: float | None = Field(None, description="uniform upper bound")
@@ -226,13 +242,19 @@ class TrainConfig(Strict):
     compile: bool = Field(False, description="wrap the model in torch.compile")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process")
     on_nonfinite: Literal["stop", "skip", "ignore"] = Field(
-        "stop", description="a NaN/inf gradient: stop (diagnostic, keep the last good "
-        "checkpoint), skip the step, or ignore (no check, no per-step sync)")
+        "stop",
+        description="a NaN/inf gradient: stop (diagnostic, keep the last good "
+        "checkpoint), skip the step, or ignore (no check, no per-step sync)",
+    )
     max_nonfinite_skips: int = Field(
-        10, ge=1, description="with skip: stop after this many consecutive skipped steps")
+        10, ge=1, description="with skip: stop after this many consecutive skipped steps"
+    )
     collective_timeout_s: int = Field(
-        1800, ge=10, description="a rank waiting longer than this for the others fails "
-        "with a report of which rank stopped answering")
+        1800,
+        ge=10,
+        description="a rank waiting longer than this for the others fails "
+        "with a report of which rank stopped answering",
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:
@@ -299,7 +321,8 @@ class SlurmConfig(Strict):
         None, ge=1, description="CPU jobs only: processes (gloo ranks) on the node"
     )
     time: str = Field(
-        "01:00:00", pattern=r"^(\d+-)?\d{1,2}:[0-5]\d:[0-5]\d$",
+        "01:00:00",
+        pattern=r"^(\d+-)?\d{1,2}:[0-5]\d:[0-5]\d$",
         description="time limit, HH:MM:SS or D-HH:MM:SS",
     )
     partition: str | None = Field(None, description="SLURM partition (default: the site's)")

@@ -115,8 +115,12 @@ def make_loader(table: Table, batch_size: int, shuffle: bool, drop_last: bool, s
     # An own generator: DataLoader otherwise draws its worker base seed from the GLOBAL RNG
     # each time an epoch's iterator is created, shifting dropout masks after a mid-epoch resume.
     return torch.utils.data.DataLoader(
-        TensorRows(table), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-        collate_fn=whole_batch, generator=torch.Generator().manual_seed(seed),
+        TensorRows(table),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        collate_fn=whole_batch,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -135,8 +139,11 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         _, vy, vkeep = _encode_targets(valid[1], cfg, None, classes)
         train, vtab = Table(x_all, y_all), Table(valid[0][vkeep], vy)
     else:
-        train, vtab = _split(Table(x_all, y_all), cfg.valid_fraction,
-                             seed if cfg.split_seed is None else cfg.split_seed)
+        train, vtab = _split(
+            Table(x_all, y_all),
+            cfg.valid_fraction,
+            seed if cfg.split_seed is None else cfg.split_seed,
+        )
     norm = None
     if cfg.standardize:
         norm = _fit_standardize(train.x)
@@ -157,8 +164,10 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
     """A `datasets.Dataset` for one `kind:location` source string (`key` names it in errors)."""
     kind, _, loc = source.partition(":")
     if not loc:
-        raise UserError(f"{key} `{source}`: expected KIND:LOCATION, e.g. sklearn:digits, "
-                        "csv:data/train.csv, imagefolder:data/images.")
+        raise UserError(
+            f"{key} `{source}`: expected KIND:LOCATION, e.g. sklearn:digits, "
+            "csv:data/train.csv, imagefolder:data/images."
+        )
     import datasets
 
     datasets.disable_progress_bars()
@@ -166,13 +175,16 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
         return _sklearn(loc, f"{key} `{source}`")
     if kind in FILE_KINDS:
         if not Path(loc).is_file():
-            raise UserError(f"{key} `{source}`: file {loc} not found; check the path "
-                            "(relative paths are from the current directory).")
+            raise UserError(
+                f"{key} `{source}`: file {loc} not found; check the path "
+                "(relative paths are from the current directory)."
+            )
         try:
             return datasets.load_dataset(kind, data_files=loc, split="train")
         except Exception as err:  # parse errors from pyarrow/pandas carry the useful detail
-            raise UserError(f"{key} `{source}`: cannot parse {loc} as {kind}: "
-                            f"{str(err).splitlines()[0][:200]}") from None
+            raise UserError(
+                f"{key} `{source}`: cannot parse {loc} as {kind}: {str(err).splitlines()[0][:200]}"
+            ) from None
     if kind == "disk":
         return _from_disk(loc, cfg.split, f"{key} `{source}`")
     if kind == "imagefolder":
@@ -183,8 +195,10 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
         return datasets.load_dataset(loc, split=cfg.split)
     close = difflib.get_close_matches(kind, ["sklearn", *FILE_KINDS, "disk", "imagefolder", "hub"])
     hint = f" Did you mean `{close[0]}`?" if close else ""
-    raise UserError(f"{key} `{source}`: unknown kind `{kind}`.{hint} Use sklearn, csv, "
-                    "parquet, json, disk, imagefolder or hub.")
+    raise UserError(
+        f"{key} `{source}`: unknown kind `{kind}`.{hint} Use sklearn, csv, "
+        "parquet, json, disk, imagefolder or hub."
+    )
 
 
 def _sklearn(name: str, source: str):
@@ -201,8 +215,9 @@ def _from_disk(loc: str, split: str, source: str):
     import datasets
 
     if not Path(loc).is_dir():
-        raise UserError(f"{source}: directory {loc} not found (expected the output "
-                        "of datasets' save_to_disk).")
+        raise UserError(
+            f"{source}: directory {loc} not found (expected the output of datasets' save_to_disk)."
+        )
     ds = datasets.load_from_disk(loc)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -215,14 +230,18 @@ def _column(frame, name: str, source: str) -> np.ndarray:
     if name not in frame.column_names:
         close = difflib.get_close_matches(name, frame.column_names, n=1)
         hint = f"did you mean `{close[0]}`? " if close else ""
-        raise UserError(f"column `{name}` not in {source}; {hint}columns: "
-                        f"{', '.join(frame.column_names[:20])}")
+        raise UserError(
+            f"column `{name}` not in {source}; {hint}columns: {', '.join(frame.column_names[:20])}"
+        )
     # Through arrow in one call: `frame[name]` is a lazy Column whose iteration formats one
     # row at a time (~35 us/row: minutes for 200k rows x 32 columns before the first step).
     arrow = getattr(frame, "with_format", None)  # a datasets.Dataset (images: a MemoryFrame)
     col = np.asarray(arrow("arrow")[name].to_pylist() if arrow else frame[name])
-    if col.dtype == object and any(v is None for v in col) and all(
-            v is None or _is_number(v) for v in col):
+    if (
+        col.dtype == object
+        and any(v is None for v in col)
+        and all(v is None or _is_number(v) for v in col)
+    ):
         # Empty cells arrive as None (an object array): numbers with NaN, so the missing-value
         # checks name the row instead of calling the column non-numeric or None a class.
         col = np.array([np.nan if v is None else v for v in col], dtype=np.float64)
@@ -238,19 +257,25 @@ def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
         if not np.issubdtype(col.dtype, np.number) and col.dtype != bool:
             bad = next((i for i, v in enumerate(col) if not _is_number(v)), 0)
             value = col[bad].item() if isinstance(col[bad], np.generic) else col[bad]
-            raise UserError(f"data.features: column `{name}` is not numeric (row {bad}: "
-                            f"{value!r}); encode it as numbers or leave it out of "
-                            "data.features.")
+            raise UserError(
+                f"data.features: column `{name}` is not numeric (row {bad}: "
+                f"{value!r}); encode it as numbers or leave it out of "
+                "data.features."
+            )
         cols.append(col.astype(np.float32))
     x = torch.from_numpy(np.stack(cols, axis=1)) if cols else torch.zeros(frame.num_rows, 0)
     if torch.isnan(x).any():
         row, colno = (int(v) for v in torch.nonzero(torch.isnan(x))[0])
-        raise UserError(f"data: feature `{names[colno]}` is missing/NaN in row {row}; "
-                        "clean the file or drop the column from data.features.")
+        raise UserError(
+            f"data: feature `{names[colno]}` is missing/NaN in row {row}; "
+            "clean the file or drop the column from data.features."
+        )
     if cfg.shape:
         if int(np.prod(cfg.shape)) != x.shape[1]:
-            raise UserError(f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but "
-                            f"rows have {x.shape[1]} features.")
+            raise UserError(
+                f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but "
+                f"rows have {x.shape[1]} features."
+            )
         x = x.reshape(-1, *cfg.shape)
     return x
 
@@ -268,15 +293,18 @@ def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
     keep = np.ones(len(y), dtype=bool)
     missing = [i for i, v in enumerate(y.tolist()) if v is None][:1] if y.dtype == object else []
     if missing:
-        raise UserError(f"data.target `{cfg.target}` is missing in row {missing[0]}; every row "
-                        "needs a label.")
+        raise UserError(
+            f"data.target `{cfg.target}` is missing in row {missing[0]}; every row needs a label."
+        )
     if cfg.task == "regression":
         yf = _numeric_target(y, cfg)
         return None, torch.from_numpy(yf.astype(np.float32)), torch.from_numpy(keep)
     if y.dtype.kind == "f":
         if np.isnan(y).any():
-            raise UserError(f"data.target `{cfg.target}` is NaN in row {int(np.isnan(y).argmax())};"
-                            " every row needs a label.")
+            raise UserError(
+                f"data.target `{cfg.target}` is NaN in row {int(np.isnan(y).argmax())};"
+                " every row needs a label."
+            )
         if np.all(y == np.round(y)):
             y = y.astype(np.int64)
     if classes is None:
@@ -287,8 +315,10 @@ def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
     unknown = [(i, v) for i, v in enumerate(y.tolist()) if keep[i] and v not in index][:1]
     if unknown:
         row, val = unknown[0]
-        raise UserError(f"data.target `{cfg.target}`: row {row} has label {val!r} outside the "
-                        f"{len(classes)} classes {classes[:10]}; fix the label or data.num_classes.")
+        raise UserError(
+            f"data.target `{cfg.target}`: row {row} has label {val!r} outside the "
+            f"{len(classes)} classes {classes[:10]}; fix the label or data.num_classes."
+        )
     enc = np.fromiter((index[v] for v in y[keep].tolist()), dtype=np.int64, count=int(keep.sum()))
     return classes, torch.from_numpy(enc), torch.from_numpy(keep)
 
@@ -302,8 +332,10 @@ def _class_list(y: np.ndarray, cfg: DataConfig, extra) -> list:
     classes = sorted(seen, key=lambda v: (str(type(v)), v))
     want = 2 if cfg.task == "binary" else cfg.num_classes
     if want and len(classes) != want:
-        raise UserError(f"data.target `{cfg.target}`: found {len(classes)} distinct labels "
-                        f"{classes[:10]} but the task needs {want}; check data.task/num_classes.")
+        raise UserError(
+            f"data.target `{cfg.target}`: found {len(classes)} distinct labels "
+            f"{classes[:10]} but the task needs {want}; check data.task/num_classes."
+        )
     if len(classes) < 2:
         raise UserError(f"data.target `{cfg.target}`: only one label {classes}; need at least 2.")
     return [c.item() if hasattr(c, "item") else c for c in classes]
@@ -328,8 +360,13 @@ def _split(table: Table, fraction: float, seed: int) -> tuple[Table, Table | Non
     return Table(table.x[t], table.y[t]), Table(table.x[v], table.y[v])
 
 
-def load_table(source: str, cfg: DataConfig, classes: list | None, feature_names: list[str],
-               require_target: bool = True) -> tuple[Table, bool]:
+def load_table(
+    source: str,
+    cfg: DataConfig,
+    classes: list | None,
+    feature_names: list[str],
+    require_target: bool = True,
+) -> tuple[Table, bool]:
     """Another file with the recipe's columns and class encoding (eval/predict `--data`).
     Returns the table and whether it had targets (predict accepts files without them)."""
     frame = load_source(source, cfg, key="--data")

@@ -1,4 +1,7 @@
-"""User-facing errors: a mistake in a recipe, a flag or a file, reported without a traceback (exit 2)."""
+"""User-facing errors: a mistake in a recipe, a flag or a file, reported without a traceback.
+
+UserError exits 2; RunFailure subclasses carry their own exit codes (3, 4).
+"""
 
 import os
 

@@ -24,12 +24,16 @@ def load_weights(path_str: str, key: str = "finetune.from") -> dict[str, torch.T
     if path.is_dir():
         candidate = path / "model.safetensors"
         if not candidate.is_file():
-            raise UserError(f"{key} {path}: no model.safetensors in this directory; "
-                            "point at a run directory, a checkpoint directory or a weights file.")
+            raise UserError(
+                f"{key} {path}: no model.safetensors in this directory; "
+                "point at a run directory, a checkpoint directory or a weights file."
+            )
         path = candidate
     if not path.is_file():
-        raise UserError(f"{key} {path}: file not found; give the path of a "
-                        "model.safetensors, a checkpoint directory or a .pt state dict.")
+        raise UserError(
+            f"{key} {path}: file not found; give the path of a "
+            "model.safetensors, a checkpoint directory or a .pt state dict."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -50,7 +54,8 @@ def _torch_load(path: Path, key: str) -> dict[str, torch.Tensor]:
             f"{key} {path}: refused to load: it holds pickled Python objects, not just "
             f"tensors ({str(err).splitlines()[0][:120]}). Unpickling could run arbitrary code; "
             "save a state dict instead: torch.save(model.state_dict(), path), or use "
-            "safetensors.") from None
+            "safetensors."
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -76,8 +81,9 @@ def prepare_finetune(model: nn.Module, cfg: FinetuneConfig | None, verbose: bool
         elif name not in source:
             missing.append(name)
         elif source[name].shape != tensor.shape:
-            mismatched.append(f"{name}: checkpoint {list(source[name].shape)} vs model "
-                              f"{list(tensor.shape)}")
+            mismatched.append(
+                f"{name}: checkpoint {list(source[name].shape)} vs model {list(tensor.shape)}"
+            )
         else:
             kept.append(name)
     unexpected = [k for k in source if k not in own]
@@ -85,19 +91,27 @@ def prepare_finetune(model: nn.Module, cfg: FinetuneConfig | None, verbose: bool
         raise UserError(
             f"finetune.from {cfg.from_}: shapes differ from this recipe's model:\n    "
             + "\n    ".join(mismatched)
-            + "\n  list them in finetune.reinit (e.g. a new head: \"layers.6.*\") or set "
-            "finetune.allow_shape_mismatch: true to reinitialise them.")
+            + '\n  list them in finetune.reinit (e.g. a new head: "layers.6.*") or set '
+            "finetune.allow_shape_mismatch: true to reinitialise them."
+        )
     if not kept:
-        raise UserError(f"finetune.from {cfg.from_}: no tensor matches this model (e.g. model "
-                        f"has {list(own)[:3]}, file has {list(source)[:3]}); wrong architecture?")
+        raise UserError(
+            f"finetune.from {cfg.from_}: no tensor matches this model (e.g. model "
+            f"has {list(own)[:3]}, file has {list(source)[:3]}); wrong architecture?"
+        )
     model.load_state_dict({k: source[k] for k in kept}, strict=False)
     frozen = freeze(model, cfg.freeze)
     reinit += [m.split(":")[0] for m in mismatched]
-    notes = [f"finetune: {len(kept)} tensors loaded from {cfg.from_}, {len(reinit)} "
-             f"reinitialized, {len(missing)} missing, {len(unexpected)} unexpected; "
-             f"{frozen} parameters frozen"]
-    for label, names in (("reinitialized", reinit), ("missing", missing),
-                         ("unexpected", unexpected)):
+    notes = [
+        f"finetune: {len(kept)} tensors loaded from {cfg.from_}, {len(reinit)} "
+        f"reinitialized, {len(missing)} missing, {len(unexpected)} unexpected; "
+        f"{frozen} parameters frozen"
+    ]
+    for label, names in (
+        ("reinitialized", reinit),
+        ("missing", missing),
+        ("unexpected", unexpected),
+    ):
         if names:
             notes.append(f"  {label}: {', '.join(names)}")
     return notes
@@ -114,8 +128,10 @@ def freeze(model: nn.Module, patterns: list[str]) -> int:
             p.requires_grad_(False)
             count += p.numel()
     if count == 0:
-        raise UserError(f"finetune.freeze {patterns}: matches no parameter; names look like "
-                        f"{[n for n, _ in model.named_parameters()][:4]}.")
+        raise UserError(
+            f"finetune.freeze {patterns}: matches no parameter; names look like "
+            f"{[n for n, _ in model.named_parameters()][:4]}."
+        )
     for mod_name, mod in model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and _bn_frozen(mod_name, mod, patterns):
             mod.__class__ = _frozen_class(type(mod))
@@ -136,6 +152,7 @@ _FROZEN: dict[type, type] = {}
 def _frozen_class(cls: type) -> type:
     """A subclass whose train() always means eval(): running stats never update."""
     if cls not in _FROZEN:
+
         def train(self, mode: bool = True):
             return super(_FROZEN[cls], self).train(False)
 

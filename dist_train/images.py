@@ -42,8 +42,9 @@ def load_imagefolder(root: str, cfg: DataConfig, source: str) -> MemoryFrame:
             img = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
             img = img.convert(mode)
         except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"{source}: cannot read image {where} ({err}); "
-                            "remove or replace the file.") from None
+            raise UserError(
+                f"{source}: cannot read image {where} ({err}); remove or replace the file."
+            ) from None
         if size is None:
             size = (img.height, img.width)
         if (img.height, img.width) != tuple(size):

@@ -100,7 +100,7 @@ class LayerSpec(BaseModel):
 
 
 def parse_layer(raw: object) -> tuple[str, dict]:
-    """Turn `relu` / `{linear: 64}` / `{conv2d: {...}}` into (name, kwargs); ValueError if malformed."""
+    """`relu` / `{linear: 64}` / `{conv2d: {...}}` -> (name, kwargs); ValueError if malformed."""
     if isinstance(raw, str):
         return raw, {}
     if isinstance(raw, dict) and len(raw) == 1:
@@ -113,7 +113,9 @@ def parse_layer(raw: object) -> tuple[str, dict]:
             return name, {}
         _, shorthand, _ = LAYERS[name]
         if shorthand is None:
-            raise ValueError(f"`{name}` takes no scalar argument; write `{name}` or `{name}: {{...}}`")
+            raise ValueError(
+                f"`{name}` takes no scalar argument; write `{name}` or `{name}: {{...}}`"
+            )
         return name, {shorthand: value}
     raise ValueError(
         "a layer is a name (`relu`), a name with its main argument (`linear: 64`) "

@@ -70,8 +70,9 @@ class Heartbeat:
                     seen.append(f"rank {r} never reported a step")
                     continue
                 step, stamp = self.store.get(key).decode().split()
-                seen.append(f"rank {r} last seen at step {step}, "
-                            f"{time.time() - float(stamp):.0f} s ago")
+                seen.append(
+                    f"rank {r} last seen at step {step}, {time.time() - float(stamp):.0f} s ago"
+                )
             except Exception:  # the store itself may be gone with the dead rank
                 seen.append(f"rank {r}: unknown (store unreachable)")
         return "; ".join(seen)
@@ -84,5 +85,15 @@ def is_collective_failure(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and any(
-        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset",
-                            "timed out", "Timed out", "Broken pipe"))
+        s in text
+        for s in (
+            "gloo",
+            "Gloo",
+            "NCCL",
+            "Connection closed",
+            "Connection reset",
+            "timed out",
+            "Timed out",
+            "Broken pipe",
+        )
+    )

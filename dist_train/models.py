@@ -1,4 +1,4 @@
-"""Layer list -> nn.Module with inferred sizes, init schemes, user modules, and the summary table."""
+"""Layer list -> nn.Module with inferred sizes, init schemes, user modules, summary table."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from .config import InitConfig, InitScheme
 from .errors import UserError
 from .layers_spec import LayerSpec, ModuleArgs
 
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_IMPORT_PATH = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+)
 
 
 class Standardize(nn.Module):
@@ -82,13 +84,17 @@ def _make_layer(spec: LayerSpec, shape: tuple[int, ...], out: int, i: int) -> nn
     a, kind, where = spec.args, spec.kind, f"model.layers[{i}] ({spec.kind})"
     if kind == "linear":
         if len(shape) != 1:
-            raise UserError(f"{where}: receives a {len(shape)}-D input {list(shape)}; "
-                            "add `- flatten` before it.")
+            raise UserError(
+                f"{where}: receives a {len(shape)}-D input {list(shape)}; "
+                "add `- flatten` before it."
+            )
         return nn.Linear(shape[0], out if a.out == "out" else a.out, bias=a.bias)
     if kind == "conv2d":
         if len(shape) != 3:
-            raise UserError(f"{where}: needs [channels, height, width] input, got {list(shape)}; "
-                            "set data.shape (e.g. [1, 8, 8]) for image rows.")
+            raise UserError(
+                f"{where}: needs [channels, height, width] input, got {list(shape)}; "
+                "set data.shape (e.g. [1, 8, 8]) for image rows."
+            )
         return nn.Conv2d(shape[0], a.out, a.kernel, a.stride, a.padding, bias=a.bias)
     if kind in ("max_pool2d", "avg_pool2d"):
         cls = nn.MaxPool2d if kind == "max_pool2d" else nn.AvgPool2d
@@ -96,8 +102,10 @@ def _make_layer(spec: LayerSpec, shape: tuple[int, ...], out: int, i: int) -> nn
     if kind.startswith("batchnorm"):
         dims = {"batchnorm1d": 1, "batchnorm2d": 3}.get(kind, len(shape))
         if len(shape) != dims or dims not in (1, 3):
-            raise UserError(f"{where}: input of shape {list(shape)} does not fit; "
-                            "use batchnorm1d after linear, batchnorm2d after conv2d.")
+            raise UserError(
+                f"{where}: input of shape {list(shape)} does not fit; "
+                "use batchnorm1d after linear, batchnorm2d after conv2d."
+            )
         cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
         return cls(shape[0], eps=a.eps, momentum=a.momentum)
     if kind == "module":
@@ -119,14 +127,18 @@ def import_module_class(spec: ModuleArgs, input_shape: tuple[int, ...], out: int
     """The escape hatch: an nn.Module subclass importable from the environment (never a file
     path, never exec). `input_shape` / `out_features` are filled in if the class takes them."""
     if not _IMPORT_PATH.match(spec.path):
-        raise UserError(f"model module path `{spec.path}`: expected `package.module:ClassName` "
-                        "of an installed/importable module (file paths are not accepted).")
+        raise UserError(
+            f"model module path `{spec.path}`: expected `package.module:ClassName` "
+            "of an installed/importable module (file paths are not accepted)."
+        )
     mod_name, cls_name = spec.path.split(":")
     try:
         cls = getattr(importlib.import_module(mod_name), cls_name)
     except (ImportError, AttributeError) as err:
-        raise UserError(f"model module `{spec.path}`: cannot import ({err}); install the package "
-                        "or put it on PYTHONPATH.") from None
+        raise UserError(
+            f"model module `{spec.path}`: cannot import ({err}); install the package "
+            "or put it on PYTHONPATH."
+        ) from None
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         raise UserError(f"model module `{spec.path}`: is not an nn.Module subclass.")
     kwargs = dict(spec.kwargs)
@@ -138,7 +150,9 @@ def import_module_class(spec: ModuleArgs, input_shape: tuple[int, ...], out: int
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as err:
-        raise UserError(f"model module `{spec.path}` kwargs: {err}; arguments: {list(params)}")
+        raise UserError(
+            f"model module `{spec.path}` kwargs: {err}; arguments: {list(params)}"
+        ) from None
     return cls(**kwargs)
 
 
@@ -150,8 +164,10 @@ def _init_fn(scheme: InitScheme):
     allowed = inspect.signature(fn).parameters
     bad = [k for k in kw if k not in allowed]
     if bad:
-        raise UserError(f"model.init: `{scheme.name}` does not take {bad}; it takes "
-                        f"{[p for p in allowed if p != 'tensor']}.")
+        raise UserError(
+            f"model.init: `{scheme.name}` does not take {bad}; it takes "
+            f"{[p for p in allowed if p != 'tensor']}."
+        )
     return lambda t: fn(t, **kw)
 
 
@@ -179,8 +195,9 @@ def summary_rows(model: Net, input_shape: tuple[int, ...]) -> list[tuple[str, st
             x = layer(x)
             n_train = sum(p.numel() for p in layer.parameters() if p.requires_grad)
             n_frozen = sum(p.numel() for p in layer.parameters() if not p.requires_grad)
-            rows.append((f"layers.{name}", type(layer).__name__, str(list(x.shape[1:])),
-                         n_train, n_frozen))
+            rows.append(
+                (f"layers.{name}", type(layer).__name__, str(list(x.shape[1:])), n_train, n_frozen)
+            )
     model.train(was_training)
     return rows
 
@@ -190,13 +207,21 @@ def format_summary(model: Net, input_shape: tuple[int, ...]) -> str:
     head = ("layer", "type", "output shape", "trainable", "frozen")
     table = [head] + [(n, t, s, f"{a:,}", f"{b:,}") for n, t, s, a, b in rows]
     widths = [max(len(r[i]) for r in table) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))) for r in table]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in table
+    ]
     lines.insert(1, "-" * len(lines[0]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    lines += ["-" * len(lines[0]), f"input {list(input_shape)}; parameters: "
-              f"{trainable + frozen:,} total, {trainable:,} trainable, {frozen:,} frozen"]
+    lines += [
+        "-" * len(lines[0]),
+        f"input {list(input_shape)}; parameters: "
+        f"{trainable + frozen:,} total, {trainable:,} trainable, {frozen:,} frozen",
+    ]
     frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen_names:
         lines.append("frozen: " + ", ".join(frozen_names))

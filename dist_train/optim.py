@@ -19,21 +19,30 @@ from .errors import UserError
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     """Trainable parameters split by `optimizer.param_groups` globs (first match wins)."""
-    groups = [{"params": [], "lr": g.lr or cfg.lr, "weight_decay": cfg.weight_decay
-               if g.weight_decay is None else g.weight_decay, "pattern": g.params}
-              for g in cfg.param_groups]
+    groups = [
+        {
+            "params": [],
+            "lr": g.lr or cfg.lr,
+            "weight_decay": cfg.weight_decay if g.weight_decay is None else g.weight_decay,
+            "pattern": g.params,
+        }
+        for g in cfg.param_groups
+    ]
     default = {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay, "pattern": ["*"]}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen: never handed to the optimizer, so it can never move
-        target = next((g for g in groups if any(fnmatch.fnmatch(name, pat)
-                                                 for pat in g["pattern"])), default)
+        target = next(
+            (g for g in groups if any(fnmatch.fnmatch(name, pat) for pat in g["pattern"])), default
+        )
         target["params"].append(p)
     for i, g in enumerate(groups):
         if not g["params"]:
             names = [n for n, _ in model.named_parameters()]
-            raise UserError(f"optimizer.param_groups[{i}].params {g['pattern']}: matches no "
-                            f"trainable parameter; names look like {names[:4]}.")
+            raise UserError(
+                f"optimizer.param_groups[{i}].params {g['pattern']}: matches no "
+                f"trainable parameter; names look like {names[:4]}."
+            )
     out = groups + ([default] if default["params"] else [])
     if not out:
         raise UserError("every parameter is frozen (finetune.freeze); nothing to train.")
@@ -49,14 +58,28 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     cuda = all(p.device.type == "cuda" for p in model.parameters())
     kernel = {"fused": True} if cuda else {"foreach": True}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, **kernel)
+        return torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            **kernel,
+        )
     if cfg.name in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-        return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                   weight_decay=cfg.weight_decay, **kernel)
-    return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
-                               momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        return cls(
+            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **kernel
+        )
+    return torch.optim.RMSprop(
+        groups,
+        lr=cfg.lr,
+        alpha=cfg.alpha,
+        eps=cfg.eps,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        foreach=True,
+    )
 
 
 class Schedule(torch.optim.lr_scheduler.LambdaLR):
@@ -71,7 +94,8 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         self._dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         mode = "max" if cfg.monitor.rsplit("/", 1)[-1] not in ("loss", "mse", "mae") else "min"
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self._dummy, mode=mode, factor=cfg.factor, patience=cfg.patience)
+            self._dummy, mode=mode, factor=cfg.factor, patience=cfg.patience
+        )
         super().__init__(optimizer, self._factor)
 
     def _factor(self, k: int) -> float:
@@ -100,12 +124,15 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         if self.cfg.name == "plateau" and self.cfg.monitor in metrics:
             self.plateau.step(metrics[self.cfg.monitor])
             self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-            for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=False):
                 g["lr"] = base * self._factor(self.last_epoch)
 
     def state_dict(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("optimizer", "lr_lambdas", "cfg", "_dummy", "plateau")}
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("optimizer", "lr_lambdas", "cfg", "_dummy", "plateau")
+        }
         state["plateau"] = self.plateau.state_dict()
         state["factor_lr"] = self._dummy.param_groups[0]["lr"]
         return state

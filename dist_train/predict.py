@@ -29,14 +29,17 @@ def _setup(args, require_target: bool):
     load_into(model, args.checkpoint)
     table, has_target = data.valid, True
     if args.data:
-        table, has_target = load_table(args.data, recipe.data, data.classes, data.feature_names,
-                                       require_target=require_target)
+        table, has_target = load_table(
+            args.data, recipe.data, data.classes, data.feature_names, require_target=require_target
+        )
     if table is None:
-        raise UserError("eval: the recipe has no validation split (data.valid_fraction is 0); "
-                        "pass --data FILE.")
+        raise UserError(
+            "eval: the recipe has no validation split (data.valid_fraction is 0); pass --data FILE."
+        )
     accelerator = make_accelerator(recipe)
-    loader = accelerator.prepare(make_loader(table, _eval_batch(recipe, accelerator),
-                                             shuffle=False, drop_last=False))
+    loader = accelerator.prepare(
+        make_loader(table, _eval_batch(recipe, accelerator), shuffle=False, drop_last=False)
+    )
     model = accelerator.prepare_model(model, evaluation_mode=True)
     return recipe, data, head, model, loader, accelerator, table, has_target
 
@@ -50,14 +53,20 @@ def load_into(model: torch.nn.Module, path: str) -> None:
     """Strict load; a different architecture is reported tensor by tensor."""
     state = load_weights(path, key="--checkpoint")
     own = model.state_dict()
-    problems = [f"{k}: file {list(state[k].shape)} vs model {list(v.shape)}"
-                for k, v in own.items() if k in state and state[k].shape != v.shape]
+    problems = [
+        f"{k}: file {list(state[k].shape)} vs model {list(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems += [f"{k}: missing from the file" for k in own if k not in state]
     problems += [f"{k}: in the file, not in the model" for k in state if k not in own]
     if problems:
-        raise UserError(f"--checkpoint {path}: does not fit this recipe's model "
-                        f"({len(problems)} differences):\n    " + "\n    ".join(problems[:12])
-                        + "\n  use the recipe the checkpoint was trained with.")
+        raise UserError(
+            f"--checkpoint {path}: does not fit this recipe's model "
+            f"({len(problems)} differences):\n    "
+            + "\n    ".join(problems[:12])
+            + "\n  use the recipe the checkpoint was trained with."
+        )
     model.load_state_dict(state)
 
 
@@ -65,8 +74,11 @@ def run_eval(args) -> int:
     recipe, data, head, model, loader, accelerator, _, _ = _setup(args, require_target=True)
     from .metrics import MetricSet
 
-    metrics = (MetricSet(recipe.metrics, recipe.data.task, data.num_classes, accelerator.device)
-               if recipe.metrics else None)
+    metrics = (
+        MetricSet(recipe.metrics, recipe.data.task, data.num_classes, accelerator.device)
+        if recipe.metrics
+        else None
+    )
     result = evaluate(model, loader, head, metrics, accelerator)
     if accelerator.is_main_process:
         text = json.dumps(result, indent=2)
@@ -78,17 +90,20 @@ def run_eval(args) -> int:
 
 
 def run_predict(args) -> int:
-    recipe, data, head, model, loader, accelerator, table, has_target = _setup(args, False)
+    recipe, data, head, model, loader, accelerator, _table, has_target = _setup(args, False)
     rows: list[list] = []
     for out, y, idx in gathered_outputs(model, loader, accelerator):
         scores = head.scores(out).cpu()
         preds = _rows(recipe.data.task, data.classes, scores, y.cpu() if has_target else None)
-        rows += [[int(i), *r] for i, r in zip(idx.tolist(), preds)]
+        rows += [[int(i), *r] for i, r in zip(idx.tolist(), preds, strict=False)]
     if accelerator.is_main_process:
         header = ["row", "prediction"]
         if data.classes:
-            header += [f"prob_{c}" for c in data.classes] if recipe.data.task == "multiclass" \
+            header += (
+                [f"prob_{c}" for c in data.classes]
+                if recipe.data.task == "multiclass"
                 else [f"prob_{data.classes[1]}"]
+            )
         header += ["target"] if has_target else []
         out = Path(args.output) if args.output else _default_out(args.checkpoint, "preds.csv")
         with open(out, "w", newline="") as fh:

@@ -82,8 +82,10 @@ def apply_override(raw: dict, item: str) -> None:
         node = _child(node, part, ".".join(parts[: i + 1]), item, create=not delete)
     last = parts[-1]
     if not isinstance(node, (dict, list)):
-        raise UserError(f"override `{item}`: `{'.'.join(parts[:-1])}` holds a single value, not "
-                        f"a mapping; set it directly ({'.'.join(parts[:-1])}=...).")
+        raise UserError(
+            f"override `{item}`: `{'.'.join(parts[:-1])}` holds a single value, not "
+            f"a mapping; set it directly ({'.'.join(parts[:-1])}=...)."
+        )
     if delete:
         _child(node, last, key, item, create=False)
         del node[int(last) if isinstance(node, list) else last]
@@ -102,7 +104,9 @@ def apply_override(raw: dict, item: str) -> None:
 def _child(node: Any, part: str, path: str, item: str, create: bool) -> Any:
     if isinstance(node, list):
         if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-            raise UserError(f"override `{item}`: `{path}` is not an index of a {len(node)}-item list.")
+            raise UserError(
+                f"override `{item}`: `{path}` is not an index of a {len(node)}-item list."
+            )
         return node[int(part)]
     if not isinstance(node, dict):
         raise UserError(f"override `{item}`: `{path}` goes inside a value that is not a mapping.")

@@ -14,8 +14,8 @@ from . import checkpoint
 from .config import default_mode
 from .errors import UserError
 from .recipe import dump_yaml, recipe_hash, resolved
-from .runtime import from_main
 from .rundir import RunPlan, clear_for_new_run, plan_run_dir
+from .runtime import from_main
 from .tracking import RunLog
 
 
@@ -56,8 +56,10 @@ def _rank_hashes(accelerator, recipe) -> list[str]:
 
     hashes = gather_object([mine])
     if len(set(hashes)) > 1:
-        raise UserError(f"the ranks were given different recipes (hashes {hashes}); launch every "
-                        "rank with the same recipe file and overrides.")
+        raise UserError(
+            f"the ranks were given different recipes (hashes {hashes}); launch every "
+            "rank with the same recipe file and overrides."
+        )
     return hashes
 
 
@@ -73,13 +75,26 @@ def configure_ddp(accelerator, model, data, head) -> None:
     unused = [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None]
     if unused:
         if accelerator.is_main_process:
-            print(f"note: {len(unused)} trainable parameters get no gradient ({unused[:3]}...); "
-                  "DDP runs with find_unused_parameters=True", flush=True)
+            print(
+                f"note: {len(unused)} trainable parameters get no gradient ({unused[:3]}...); "
+                "DDP runs with find_unused_parameters=True",
+                flush=True,
+            )
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
 
 
-def open_log(accelerator, run_dir: Path, recipe, run: RunPlan, state, total: int, plan,
-             model, notes: list[str], steps_per_epoch: int | None = None) -> RunLog:
+def open_log(
+    accelerator,
+    run_dir: Path,
+    recipe,
+    run: RunPlan,
+    state,
+    total: int,
+    plan,
+    model,
+    notes: list[str],
+    steps_per_epoch: int | None = None,
+) -> RunLog:
     """The run's log on every rank (a no-op object off the main process): trackers opened once,
     run.json written, the plan printed once. A resumed run keeps its tracker run id."""
     import shutil
@@ -88,8 +103,15 @@ def open_log(accelerator, run_dir: Path, recipe, run: RunPlan, state, total: int
     if accelerator.is_main_process and resume_step is None:
         for stale in ("tensorboard", "wandb"):  # an attempt that never reached a checkpoint
             shutil.rmtree(run_dir / stale, ignore_errors=True)
-    log = RunLog(run_dir, accelerator.is_main_process, total, recipe.tracking,
-                 resolved(recipe), run_id=state.run_id, resume_step=resume_step)
+    log = RunLog(
+        run_dir,
+        accelerator.is_main_process,
+        total,
+        recipe.tracking,
+        resolved(recipe),
+        run_id=state.run_id,
+        resume_step=resume_step,
+    )
     state.run_id = log.run_id  # saved with every checkpoint: the resumed job continues this run
     if accelerator.is_main_process:
         info = _run_info(accelerator, recipe, plan, total, model, steps_per_epoch, log.run_id)
@@ -99,13 +121,25 @@ def open_log(accelerator, run_dir: Path, recipe, run: RunPlan, state, total: int
         for note in notes:
             log.info(note)
         if run.resume_from:
-            log.event("resume", step=state.step, epoch=state.epoch,
-                      world_size=accelerator.num_processes, previous=state.history)
+            log.event(
+                "resume",
+                step=state.step,
+                epoch=state.epoch,
+                world_size=accelerator.num_processes,
+                previous=state.history,
+            )
     return log
 
 
-def _run_info(accelerator, recipe, plan, total: int, model, steps_per_epoch: int | None = None,
-              run_id: str | None = None) -> dict:
+def _run_info(
+    accelerator,
+    recipe,
+    plan,
+    total: int,
+    model,
+    steps_per_epoch: int | None = None,
+    run_id: str | None = None,
+) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     versions = {}
@@ -120,23 +154,32 @@ def _run_info(accelerator, recipe, plan, total: int, model, steps_per_epoch: int
     if steps_per_epoch is None and (not t.max_steps or total < t.max_steps):
         steps_per_epoch = total // max(t.epochs, 1)  # total = steps per epoch x epochs here
     return {
-        "name": recipe.name, "recipe_hash": recipe_hash(recipe), "run_id": run_id,
-        "world_size": accelerator.num_processes, "device": str(accelerator.device),
+        "name": recipe.name,
+        "recipe_hash": recipe_hash(recipe),
+        "run_id": run_id,
+        "world_size": accelerator.num_processes,
+        "device": str(accelerator.device),
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-        "mixed_precision": accelerator.mixed_precision, "global_batch": plan.global_batch,
-        "per_device_batch": plan.per_device, "grad_accum": plan.grad_accum,
-        "steps_per_epoch": steps_per_epoch, "epochs": t.epochs,
-        "total_steps": total, "trainable_params": trainable, "frozen_params": frozen,
-        "monitor": monitor, "mode": (best.mode if best else None) or default_mode(monitor),
-        "python": platform.python_version(), "versions": versions,
+        "mixed_precision": accelerator.mixed_precision,
+        "global_batch": plan.global_batch,
+        "per_device_batch": plan.per_device,
+        "grad_accum": plan.grad_accum,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": t.epochs,
+        "total_steps": total,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "monitor": monitor,
+        "mode": (best.mode if best else None) or default_mode(monitor),
+        "python": platform.python_version(),
+        "versions": versions,
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 def _plan_text(info: dict, run_dir: Path) -> str:
     per_epoch = info.get("steps_per_epoch")
-    epochs = (f"{per_epoch} steps per epoch x {info.get('epochs')} epochs = " if per_epoch
-              else "")
+    epochs = f"{per_epoch} steps per epoch x {info.get('epochs')} epochs = " if per_epoch else ""
     return (
         f"dist-train: {info['name']} -> {run_dir}\n"
         f"  world size {info['world_size']} ({info['distributed_type']}, {info['device']}), "
@@ -150,8 +193,9 @@ def _plan_text(info: dict, run_dir: Path) -> str:
 
 def save(accelerator, run_dir: Path, recipe, state) -> Path:
     """Collective: the synchronized, atomic full-state save (every rank, same step)."""
-    return checkpoint.save_checkpoint(accelerator, run_dir, asdict(state),
-                                      recipe.checkpoint.keep, state.best_step)
+    return checkpoint.save_checkpoint(
+        accelerator, run_dir, asdict(state), recipe.checkpoint.keep, state.best_step
+    )
 
 
 def resume(accelerator, path: Path, state):
@@ -166,15 +210,19 @@ def resume(accelerator, path: Path, state):
             f"checkpoint {path}: cannot be loaded ({str(err).splitlines()[0][:160]}). It may be "
             "corrupt or tampered with (files load only as plain tensors, never as pickled "
             "code). Delete this checkpoint directory to resume from the previous one, or "
-            "pass --restart.") from None
+            "pass --restart."
+        ) from None
     for key, value in saved.items():
         if hasattr(state, key):
             setattr(state, key, value)
     state.history = [*saved.get("history", []), saved.get("world_size", 1)]
     if saved.get("world_size") != accelerator.num_processes and accelerator.is_main_process:
-        print(f"elastic resume: checkpoint from {saved.get('world_size')} processes, now "
-              f"{accelerator.num_processes}; continuing after {saved['step']} optimizer steps "
-              f"(global batch unchanged, so the same samples come next)", flush=True)
+        print(
+            f"elastic resume: checkpoint from {saved.get('world_size')} processes, now "
+            f"{accelerator.num_processes}; continuing after {saved['step']} optimizer steps "
+            f"(global batch unchanged, so the same samples come next)",
+            flush=True,
+        )
     state.world_size = accelerator.num_processes
     return state
 
@@ -190,9 +238,11 @@ def _check_rng_file(path: Path, rank: int) -> None:
     try:
         safe_load(rng, map_location="cpu")
     except Exception as err:
-        raise UserError(f"checkpoint {path}: {rng.name} cannot be loaded safely "
-                        f"({str(err).splitlines()[0][:120]}); delete this checkpoint directory "
-                        "to resume from the previous one.") from None
+        raise UserError(
+            f"checkpoint {path}: {rng.name} cannot be loaded safely "
+            f"({str(err).splitlines()[0][:120]}); delete this checkpoint directory "
+            "to resume from the previous one."
+        ) from None
 
 
 def export(accelerator, model, run_dir: Path, recipe, data, state, result: dict) -> None:
@@ -201,13 +251,22 @@ def export(accelerator, model, run_dir: Path, recipe, data, state, result: dict)
     if not accelerator.is_main_process:
         return
     net = accelerator.unwrap_model(model)
-    meta = {"recipe_hash": recipe_hash(recipe), "input_shape": json.dumps(list(data.input_shape)),
-            "classes": json.dumps(data.classes), "task": recipe.data.task,
-            "step": str(state.step)}
+    meta = {
+        "recipe_hash": recipe_hash(recipe),
+        "input_shape": json.dumps(list(data.input_shape)),
+        "classes": json.dumps(data.classes),
+        "task": recipe.data.task,
+        "step": str(state.step),
+    }
     checkpoint.export_model(net.state_dict(), run_dir / "model.safetensors", meta)
     info = json.loads((run_dir / "run.json").read_text())
-    info |= {"status": "finished", "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "steps": state.step, "best_value": state.best_value, "best_step": state.best_step,
-             "final": {k: v for k, v in result.items() if not isinstance(v, list)}}
+    info |= {
+        "status": "finished",
+        "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "steps": state.step,
+        "best_value": state.best_value,
+        "best_step": state.best_step,
+        "final": {k: v for k, v in result.items() if not isinstance(v, list)},
+    }
     checkpoint.write_json_atomic(run_dir / "run.json", info)
     print(f"saved {run_dir / 'model.safetensors'}", flush=True)

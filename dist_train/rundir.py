@@ -17,10 +17,25 @@ import yaml
 from .checkpoint import checkpoint_dir, latest_complete
 
 # Keys that may change between a run and its resume without changing the math.
-NOT_TRAINING_RELEVANT = ("name", "tracking", "checkpoint", "slurm", "sweep",
-                         "train.log_every_steps", "train.threads")
-RUN_FILES = ("metrics.jsonl", "model.safetensors", "run.json", "recipe.yaml", "eval.json",
-             "tensorboard", "wandb", "report.html")
+NOT_TRAINING_RELEVANT = (
+    "name",
+    "tracking",
+    "checkpoint",
+    "slurm",
+    "sweep",
+    "train.log_every_steps",
+    "train.threads",
+)
+RUN_FILES = (
+    "metrics.jsonl",
+    "model.safetensors",
+    "run.json",
+    "recipe.yaml",
+    "eval.json",
+    "tensorboard",
+    "wandb",
+    "report.html",
+)
 
 
 @dataclass
@@ -32,8 +47,9 @@ class RunPlan:
     rank_recipe_hashes: list[str] = field(default_factory=list)  # filled in on every rank
 
 
-def plan_run_dir(output_dir: str | None, name: str, resolved: dict, restart: bool,
-                 allow_changed: bool) -> RunPlan:
+def plan_run_dir(
+    output_dir: str | None, name: str, resolved: dict, restart: bool, allow_changed: bool
+) -> RunPlan:
     if output_dir is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / name / stamp
@@ -43,8 +59,10 @@ def plan_run_dir(output_dir: str | None, name: str, resolved: dict, restart: boo
         return RunPlan(str(run_dir))
     run_dir = Path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        return RunPlan(str(run_dir), error=f"-o {run_dir}: is a file, not a directory; choose "
-                       "another output directory.")
+        return RunPlan(
+            str(run_dir),
+            error=f"-o {run_dir}: is a file, not a directory; choose another output directory.",
+        )
     if not run_dir.exists():
         return RunPlan(str(run_dir))
     if restart:
@@ -55,18 +73,27 @@ def plan_run_dir(output_dir: str | None, name: str, resolved: dict, restart: boo
     notices: list[str] = []
     ckpt = latest_complete(run_dir, notice=notices.append)
     if _finished(run_dir):
-        return RunPlan(str(run_dir), error=f"{run_dir} holds a finished run; pass --restart to "
-                       "train it again from scratch, or choose another -o directory.")
+        return RunPlan(
+            str(run_dir),
+            error=f"{run_dir} holds a finished run; pass --restart to "
+            "train it again from scratch, or choose another -o directory.",
+        )
     if ckpt is None:
         return RunPlan(str(run_dir), notice="; ".join(notices) or None)
     changed = changed_fields(run_dir / "recipe.yaml", resolved)
     if changed and not allow_changed:
-        return RunPlan(str(run_dir), error=(
-            f"{run_dir} has a checkpoint from a different recipe (changed: {', '.join(changed)})."
-            " Resuming would mix two experiments; pass --allow-changed if you mean it, "
-            "--restart to start over, or another -o directory."))
-    notices.append(f"resuming from {ckpt}" + (f" with changed {', '.join(changed)}"
-                                              if changed else ""))
+        return RunPlan(
+            str(run_dir),
+            error=(
+                f"{run_dir} has a checkpoint from a different recipe "
+                f"(changed: {', '.join(changed)})."
+                " Resuming would mix two experiments; pass --allow-changed if you mean it, "
+                "--restart to start over, or another -o directory."
+            ),
+        )
+    notices.append(
+        f"resuming from {ckpt}" + (f" with changed {', '.join(changed)}" if changed else "")
+    )
     return RunPlan(str(run_dir), resume_from=str(ckpt), notice="; ".join(notices))
 
 

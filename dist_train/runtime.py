@@ -13,6 +13,16 @@ from .config import Recipe
 from .errors import UserError
 
 
+def _forget_previous_accelerator() -> None:
+    """A second training in the same process (Python API, sweeps in a notebook) may ask for
+    another precision; accelerate's AcceleratorState singleton would refuse. The process-level
+    PartialState (the process group) is kept."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()
+
+
 def make_accelerator(recipe: Recipe):
     """CPU-only machines get `cpu=True`, which makes a multi-process launch a gloo job of world
     size N (without it, accelerate starts N silent world-size-1 jobs)."""
@@ -22,22 +32,25 @@ def make_accelerator(recipe: Recipe):
     cpu = not torch.cuda.is_available()
     precision = recipe.train.mixed_precision
     if cpu and precision == "fp16":
-        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU (it relies on a gradient "
-                        "scaler and fp16 kernels); on a CPU use bf16 or \"no\".")
+        raise UserError(
+            "train.mixed_precision: fp16 needs a CUDA GPU (it relies on a gradient "
+            'scaler and fp16 kernels); on a CPU use bf16 or "no".'
+        )
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    _forget_previous_accelerator()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
         # Seedable sampler: the shuffle order depends only on (seed, epoch), never on the world
         # size, which is what makes resume and elastic resume exact.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                  data_seed=recipe.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
         # Our schedule is stepped once per optimizer step (accelerate's wrapper would step it
         # once per process).
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(
-            timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.collective_timeout_s))
+        ],
     )
     if cpu:
         _cpu_processes(accelerator, recipe.train.threads)
@@ -56,7 +69,9 @@ def _cpu_processes(accelerator, threads: int | None) -> None:
         warnings.warn(
             f"{local} processes on {cores} CPU cores: each step will be slower than with "
             f"{cores} (gloo all-reduce per step, ranks competing for cores). On one machine, one "
-            "process using all cores (train.threads) is usually fastest.", stacklevel=3)
+            "process using all cores (train.threads) is usually fastest.",
+            stacklevel=3,
+        )
 
 
 def place_model(model: torch.nn.Module, device: torch.device, compile: bool) -> torch.nn.Module:
@@ -91,8 +106,13 @@ def plan_batches(recipe: Recipe, world_size: int) -> BatchPlan:
         )
     eval_global = recipe.data.eval_batch_size or t.batch_size
     eval_per_device = max(1, -(-eval_global // world_size))
-    return BatchPlan(world_size, t.batch_size, t.grad_accum,
-                     t.batch_size // (world_size * t.grad_accum), eval_per_device)
+    return BatchPlan(
+        world_size,
+        t.batch_size,
+        t.grad_accum,
+        t.batch_size // (world_size * t.grad_accum),
+        eval_per_device,
+    )
 
 
 def agree_any(accelerator, flag: bool) -> bool:

@@ -1,4 +1,4 @@
-"""The recipe reference, generated from the typed config (README embeds it; a test keeps it fresh)."""
+"""The recipe reference, generated from the typed config (README embeds it; a test checks it)."""
 
 from __future__ import annotations
 
@@ -53,25 +53,38 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         sub = _model_in(field.annotation)
         is_list = typing.get_origin(field.annotation) is list or "list[" in str(field.annotation)
         if sub is not None and sub.__name__ not in ("LayerSpec",):
-            rows.append(f"| `{key}` | section{' list' if is_list else ''} | {_default(field)} | "
-                        f"{field.description or ''} |")
+            rows.append(
+                f"| `{key}` | section{' list' if is_list else ''} | {_default(field)} | "
+                f"{field.description or ''} |"
+            )
             rows += _rows(sub, f"{key}[]." if is_list else f"{key}.")
         else:
-            rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | "
-                        f"{field.description or ''} |")
+            rows.append(
+                f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | "
+                f"{field.description or ''} |"
+            )
     return rows
+
+
+def _arg_default(field) -> str:
+    return "" if field.default is PydanticUndefined else "=" + repr(field.default).replace("'", "")
 
 
 def reference_markdown() -> str:
     lines = [BEGIN, "", "| key | type | default | meaning |", "|---|---|---|---|"]
     lines += _rows(Recipe, "")
-    lines += ["", "Layers in `model.layers` (`name`, `name: main-argument`, or `name: {args}`):", "",
-              "| layer | arguments (default) | meaning |", "|---|---|---|"]
+    lines += [
+        "",
+        "Layers in `model.layers` (`name`, `name: main-argument`, or `name: {args}`):",
+        "",
+        "| layer | arguments (default) | meaning |",
+        "|---|---|---|",
+    ]
     for name, (args_model, shorthand, doc) in LAYERS.items():
         args = ", ".join(
-            f"{'**' + a + '**' if a == shorthand else a}"
-            f"{'' if f.default is PydanticUndefined else '=' + repr(f.default).replace(chr(39), '')}"
-            for a, f in args_model.model_fields.items())
+            ("**" + a + "**" if a == shorthand else a) + _arg_default(f)
+            for a, f in args_model.model_fields.items()
+        )
         lines.append(f"| `{name}` | {args or '-'} | {doc} |")
     lines += ["", END]
     return "\n".join(lines)

@@ -292,7 +292,7 @@ def array_script(
 def _ranges(ids: Sequence[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (sbatch --array syntax)."""
     out, start = [], ids[0]
-    for prev, cur in zip(ids, [*ids[1:], None]):
+    for prev, cur in zip(ids, [*ids[1:], None], strict=False):
         if cur is None or cur != prev + 1:
             out.append(f"{start}-{prev}" if prev > start else str(start))
             start = cur

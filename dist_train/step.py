@@ -48,7 +48,7 @@ def train_step(loop, x: torch.Tensor, y: torch.Tensor, boundary: bool) -> StepOu
     # same answer on every rank: no extra collective needed to agree.
     if guard and norm is not None and not bool(torch.isfinite(norm)):
         bad = [
-            n
+            n.removeprefix("module.")  # DDP's wrapper prefix: report the recipe's names
             for n, p in model.named_parameters()
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())
         ]

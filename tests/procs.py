@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,23 +25,55 @@ def cli(*args: str, nproc: int = 1, timeout: float = 300, **extra_env: str):
     if nproc == 1:
         cmd = [sys.executable, "-m", "dist_train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "dist_train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True,
-                          timeout=timeout)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "dist_train",
+            *args,
+        ]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
 
 
-def run_until_then_kill(args: list[str], condition: Callable[[], bool], nproc: int = 1,
-                        timeout: float = 120, poll: float = 0.002) -> bool:
+def run_until_then_kill(
+    args: list[str],
+    condition: Callable[[], bool],
+    nproc: int = 1,
+    timeout: float = 120,
+    poll: float = 0.002,
+) -> bool:
     """Start training, SIGKILL the whole process group as soon as `condition()` holds.
     Returns True if it was killed, False if the run ended first."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "dist_train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "dist_train", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "dist_train",
+            *args,
+        ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -67,10 +100,8 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     except psutil.NoSuchProcess:
         return
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from procs import ROOT, cli  # noqa: E402
+from procs import ROOT, cli
 
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
 TINY = ["train.epochs=1", "train.max_steps=3"]
@@ -19,8 +19,7 @@ TINY = ["train.epochs=1", "train.max_steps=3"]
 def pretrained(tmp_path_factory) -> Path:
     """digits_finetune starts from a pretrained digits model: make a small one."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    r = cli("train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]",
-            *TINY)
+    r = cli("train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]", *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     return out / "model.safetensors"
 
@@ -34,8 +33,13 @@ def _strip_sweep(name: str) -> list[str]:
 
 
 def test_recipes_are_shipped():
-    assert {"digits_cnn.yaml", "breast_cancer_binary.yaml", "wine_mlp.yaml",
-            "diabetes_regression.yaml", "digits_finetune.yaml"} <= set(RECIPES)
+    assert {
+        "digits_cnn.yaml",
+        "breast_cancer_binary.yaml",
+        "wine_mlp.yaml",
+        "diabetes_regression.yaml",
+        "digits_finetune.yaml",
+    } <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)

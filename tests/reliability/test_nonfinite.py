@@ -161,12 +161,6 @@ def test_two_ranks_stop_at_the_same_step_with_rows_of_both(two_rank_stop):
 
 
 @pytest.mark.dist
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG dist_train/step.py:train_step names parameters of "
-    "the DDP-wrapped model: `module.layers.0.weight` on 2 ranks, "
-    "`layers.0.weight` on 1 (the diagnostic is not world-size invariant)",
-)
 def test_two_rank_diagnostic_names_parameters_as_on_one_process(two_rank_stop):
     run, ranks, _ = two_rank_stop
     (diag,) = run.glob("nonfinite-step-*.json")

@@ -35,7 +35,7 @@ def _api_train():
     already have replaced by the submodule: see test_api_train_survives_a_call)."""
     import importlib
 
-    return importlib.import_module("dist_train.train").train
+    return importlib.import_module("dist_train.trainer").train
 
 
 def _usage(proc) -> tuple[float, int, int]:
@@ -86,12 +86,6 @@ def test_many_trainings_in_one_process_leak_nothing(rel_recipe, tmp_path, monkey
     assert rss - base[0] < 50, f"RSS grew {rss - base[0]:.0f} MiB over {done - WARMUP} runs"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG dist_train/__init__.py:train: its lazy "
-    "`from .train import train` binds the submodule dist_train.train over the "
-    "package attribute, so `dist_train.train(...)` works once, then is a module",
-)
 def test_api_train_survives_a_call(rel_recipe, tmp_path, monkeypatch):
     import dist_train
 
@@ -105,13 +99,6 @@ def test_api_train_survives_a_call(rel_recipe, tmp_path, monkeypatch):
         dist_train.train(str(path), str(tmp_path / "b"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG dist_train/runtime.py:make_accelerator: accelerate's "
-    "AcceleratorState singleton outlives a run, so a second train() in the same "
-    "process with another train.mixed_precision raises ValueError ('already "
-    "initialized'); AcceleratorState._reset_state() before Accelerator() fixes it",
-)
 def test_api_train_twice_with_another_precision(rel_recipe, tmp_path, monkeypatch):
     from dist_train import load_recipe
 

@@ -47,8 +47,12 @@ class TrainState:
     history: list = field(default_factory=list)  # world sizes this run has used
 
 
-def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
-          allow_changed: bool = False) -> dict:
+def train(
+    recipe: Recipe,
+    output_dir: str | None = None,
+    restart: bool = False,
+    allow_changed: bool = False,
+) -> dict:
     """Train a recipe; returns the final evaluation. Same numbers on 1 or N processes."""
     accelerator = make_accelerator(recipe)
     from accelerate.utils import set_seed
@@ -73,26 +77,51 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
     optimizer = build.build_optimizer(model, recipe.optimizer)
     total = build.total_steps(recipe, len(data.train.y))
     if total == 0:
-        raise UserError(f"train.batch_size {recipe.train.batch_size} is larger than the "
-                        f"{len(data.train.y)} training rows; lower it.")
+        raise UserError(
+            f"train.batch_size {recipe.train.batch_size} is larger than the "
+            f"{len(data.train.y)} training rows; lower it."
+        )
     scheduler = build.build_scheduler(optimizer, recipe.scheduler, total, recipe.optimizer.lr)
     train_dl = make_loader(data.train, plan.per_device, True, True, seed=recipe.seed)
     valid_dl = make_loader(data.valid, plan.eval_per_device, False, False) if data.valid else None
     materialize_run_dir(accelerator, run, recipe)  # built fine: now the directory may change
-    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl,
-                                                                scheduler)
+    model, optimizer, train_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, scheduler
+    )
     valid_dl = accelerator.prepare(valid_dl) if valid_dl is not None else None
     state = TrainState(world_size=accelerator.num_processes)
     if run.resume_from:
         state = resume(accelerator, Path(run.resume_from), state)
     per_epoch = build.steps_per_epoch(len(data.train.y), recipe.train.batch_size)
-    log = open_log(accelerator, run_dir, recipe, run, state, total, plan, model, notes,
-                   steps_per_epoch=per_epoch)
-    loop = Loop(recipe, accelerator, model, head, optimizer, scheduler, train_dl, valid_dl,
-                state, log, run_dir, total, per_epoch,
-                audit=_open_audit(run_dir, accelerator.process_index),
-                heartbeat=lifecycle.Heartbeat(accelerator.process_index,
-                                              accelerator.num_processes))
+    log = open_log(
+        accelerator,
+        run_dir,
+        recipe,
+        run,
+        state,
+        total,
+        plan,
+        model,
+        notes,
+        steps_per_epoch=per_epoch,
+    )
+    loop = Loop(
+        recipe,
+        accelerator,
+        model,
+        head,
+        optimizer,
+        scheduler,
+        train_dl,
+        valid_dl,
+        state,
+        log,
+        run_dir,
+        total,
+        per_epoch,
+        audit=_open_audit(run_dir, accelerator.process_index),
+        heartbeat=lifecycle.Heartbeat(accelerator.process_index, accelerator.num_processes),
+    )
     try:
         return fit(loop, data)
     except Exception as err:
@@ -108,11 +137,13 @@ def train(recipe: Recipe, output_dir: str | None = None, restart: bool = False,
 def _collective_report(loop: Loop, err: BaseException) -> str:
     acc, t = loop.accelerator, loop.recipe.train
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return (f"rank {acc.process_index}/{acc.num_processes}: lost the other ranks during "
-            f"{lifecycle.phase()} (train.collective_timeout_s={t.collective_timeout_s}). "
-            f"{loop.heartbeat.peers()}. A rank died or stalled: read its log; the last complete "
-            f"checkpoint in {loop.run_dir / 'checkpoints'} is intact and resumes with the same "
-            f"command. ({first})")
+    return (
+        f"rank {acc.process_index}/{acc.num_processes}: lost the other ranks during "
+        f"{lifecycle.phase()} (train.collective_timeout_s={t.collective_timeout_s}). "
+        f"{loop.heartbeat.peers()}. A rank died or stalled: read its log; the last complete "
+        f"checkpoint in {loop.run_dir / 'checkpoints'} is intact and resumes with the same "
+        f"command. ({first})"
+    )
 
 
 def _load_data_once(accelerator, recipe):
@@ -242,8 +273,9 @@ def after_step(loop: Loop, out: StepOutput, step_rows: list) -> str | None:
     state.step_in_epoch += 1
     if state.step % t.log_every_steps == 0 or state.step == loop.total:
         lifecycle.set_phase(f"train-loss reduce at step {state.step}")
-        loop.tick = _log_train(acc, loop.log, state, loop.loss_sum, loop.n_loss, out.norm,
-                               loop.optimizer, loop.tick, t)
+        loop.tick = _log_train(
+            acc, loop.log, state, loop.loss_sum, loop.n_loss, out.norm, loop.optimizer, loop.tick, t
+        )
         loop.loss_sum.zero_()
         loop.n_loss = 0
     else:
@@ -269,8 +301,9 @@ def _evaluate(loop: Loop, epoch: int) -> str | None:
     result = evaluate(loop.model, loop.valid_dl, loop.head, loop.metrics, loop.accelerator)
     loop.result = result
     loop.scheduler.scheduler.observe(result)  # plateau: unwrap accelerate's wrapper
-    loop.log.event("eval", epoch=epoch, step=state.step, samples=state.step * t.batch_size,
-                   **result)
+    loop.log.event(
+        "eval", epoch=epoch, step=state.step, samples=state.step * t.batch_size, **result
+    )
     loop.log.info(_format_eval(epoch, result))
     improved, stop = _early_stop(loop.accelerator, loop.recipe, state, result)
     if improved and loop.recipe.checkpoint.best:
@@ -278,8 +311,10 @@ def _evaluate(loop: Loop, epoch: int) -> str | None:
         lifecycle.set_phase(f"best checkpoint save at step {state.step}")
         save(loop.accelerator, loop.run_dir, loop.recipe, state)
     if stop:
-        loop.log.info(f"early stopping: {t.early_stopping.monitor} did not improve for "
-                      f"{t.early_stopping.patience} evaluations")
+        loop.log.info(
+            f"early stopping: {t.early_stopping.monitor} did not improve for "
+            f"{t.early_stopping.patience} evaluations"
+        )
         return "finished"
     return None
 
@@ -288,8 +323,10 @@ def _preempted_exit(loop: Loop) -> None:
     lifecycle.set_phase(f"preemption save at step {loop.state.step}")
     save(loop.accelerator, loop.run_dir, loop.recipe, loop.state)  # every rank, same step
     _ask_for_requeue(loop.accelerator)
-    loop.log.info(f"stopped by a signal at step {loop.state.step}; checkpoint saved, "
-                  f"exit {EXIT_PREEMPTED} (run the same command again to resume)")
+    loop.log.info(
+        f"stopped by a signal at step {loop.state.step}; checkpoint saved, "
+        f"exit {EXIT_PREEMPTED} (run the same command again to resume)"
+    )
     raise Preempted(loop.state.step)
 
 
@@ -326,23 +363,34 @@ def _log_train(accelerator, log, state, loss_sum, n_loss, norm, optimizer, tick,
     loss = accelerator.reduce(loss_sum / max(n_loss, 1), reduction="mean")
     now = time.perf_counter()
     steps = max(n_loss // t.grad_accum, 1)  # optimizer steps since the last log (n_loss: micro)
-    fields = {"train/loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
-              "samples_per_s": steps * t.batch_size / max(now - tick, 1e-9),
-              "step_time": (now - tick) / steps}
+    fields = {
+        "train/loss": float(loss),
+        "lr": optimizer.param_groups[0]["lr"],
+        "samples_per_s": steps * t.batch_size / max(now - tick, 1e-9),
+        "step_time": (now - tick) / steps,
+    }
     if norm is not None:
         fields["grad_norm"] = float(norm)
     if accelerator.device.type == "cuda":  # allocator statistics: no sync, no GPU work
         fields["peak_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    log.event("train", epoch=state.epoch, step=state.step, samples=state.step * t.batch_size,
-              **fields)
-    log.advance({"loss": f"{fields['train/loss']:.4f}", "lr": f"{fields['lr']:.2e}",
-                 "samples/s": f"{fields['samples_per_s']:.0f}"}, step=state.step)
+    log.event(
+        "train", epoch=state.epoch, step=state.step, samples=state.step * t.batch_size, **fields
+    )
+    log.advance(
+        {
+            "loss": f"{fields['train/loss']:.4f}",
+            "lr": f"{fields['lr']:.2e}",
+            "samples/s": f"{fields['samples_per_s']:.0f}",
+        },
+        step=state.step,
+    )
     return now
 
 
 def _format_eval(epoch: int, result: dict) -> str:
-    parts = [f"{k.removeprefix('valid/')} {v:.4f}" for k, v in result.items()
-             if isinstance(v, float)]
+    parts = [
+        f"{k.removeprefix('valid/')} {v:.4f}" for k, v in result.items() if isinstance(v, float)
+    ]
     return f"epoch {epoch + 1} valid: " + "  ".join(parts) + f"  (rows {result['valid/rows']})"
 
 
@@ -359,15 +407,17 @@ def _early_stop(accelerator, recipe: Recipe, state: TrainState, result: dict) ->
     rank saves the same best step and leaves the loop at the same step. (improved, stop)"""
     best = recipe.checkpoint.best
     monitor = best.monitor if best else "valid/loss"
-    improved = _better(result.get(monitor), state.best_value,
-                       (best and best.mode) or default_mode(monitor), 0.0)
+    improved = _better(
+        result.get(monitor), state.best_value, (best and best.mode) or default_mode(monitor), 0.0
+    )
     if improved:
         state.best_value, state.best_step = result[monitor], state.step
     stop = False
     es = recipe.train.early_stopping
     if es is not None:
-        if _better(result.get(es.monitor), state.es_best, es.mode or default_mode(es.monitor),
-                   es.min_delta):
+        if _better(
+            result.get(es.monitor), state.es_best, es.mode or default_mode(es.monitor), es.min_delta
+        ):
             state.es_best, state.stale_evals = result[es.monitor], 0
         else:
             state.stale_evals += 1
