@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import events, run_info
+from conftest import RECIPE, events, run_info  # at import: `conftest` is ambiguous later
 from procs import cli, run_until_then_kill
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -38,7 +38,6 @@ def _train(recipe: Path, run: Path, *overrides: str):
 def finished_run(tmp_path_factory, tiny_data):
     """One uninterrupted 2-process run with wandb offline and TensorBoard."""
     import yaml
-    from conftest import RECIPE
 
     root = tmp_path_factory.mktemp("tracking")
     recipe = json.loads(json.dumps(RECIPE))
