@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import run_info
+from dist_helpers import run_info
 from procs import ROOT, cli, weights
 
 pytestmark = pytest.mark.dist

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import events, run_info
+from dist_helpers import events, run_info
 from procs import ROOT, bitwise_equal, cli, env, kill_tree, max_diff, run_until_then_kill, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import events, run_info
+from dist_helpers import events, run_info
 from procs import ROOT, env, run_until_then_kill
 
 from dist_train.checkpoint import latest_complete

@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import RECIPE, events, run_info  # at import: `conftest` is ambiguous later
+from dist_helpers import RECIPE, events, run_info
 from procs import cli, run_until_then_kill
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import events, run_info
+from dist_helpers import events, run_info
 from procs import ROOT, cli, max_diff, weights
 
 pytestmark = pytest.mark.dist

@@ -20,15 +20,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/procs.py: real processes, no mocks
 CLUSTER_SH = HERE / "cluster.sh"
-FINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-}
+from slurm_states import FINAL_STATES  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FINAL_STATES
 from procs import ROOT, env
+from slurm_states import FINAL_STATES
 
 pytestmark = pytest.mark.slurm
 

@@ -1,0 +1,44 @@
+"""Shared pieces of the multi-process tests (a plain module: `conftest` is ambiguous to import
+once several test folders' conftest files are loaded in one session)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+RECIPE = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"source": None, "valid_source": None, "target": "label", "task": "multiclass",
+             "standardize": True},
+    "model": {"layers": [{"linear": 32}, "relu", {"linear": 16}, "tanh", {"linear": "out"}]},
+    "loss": "cross_entropy",
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+    "scheduler": {"name": "cosine", "warmup_steps": 5},
+    "train": {"epochs": 3, "batch_size": 24, "log_every_steps": 1},
+    "metrics": ["accuracy", "f1", "auroc", "precision", "recall", "confusion_matrix"],
+    "checkpoint": {"every_epochs": 1, "keep": 3},
+}
+
+
+def make_table(path: Path, rows: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 6))
+    label = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (x[:, 2] > 0.8).astype(int)
+    cols = {f"f{i}": x[:, i] for i in range(6)} | {"label": label}
+    header = ",".join(cols)
+    lines = [",".join(f"{cols[c][r]:.6f}" if c != "label" else str(cols[c][r]) for c in cols)
+             for r in range(rows)]
+    path.write_text(header + "\n" + "\n".join(lines) + "\n")
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def run_info(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
