@@ -20,23 +20,17 @@ def env(**extra: str) -> dict:
     return out
 
 
+def command(args: list[str], nproc: int = 1) -> list[str]:
+    """`python -m dist_train ARGS`, or torchrun with `nproc` gloo ranks on a free port."""
+    if nproc == 1:
+        return [sys.executable, "-m", "dist_train", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*launcher, "--master_port", str(free_port()), "-m", "dist_train", *args]
+
+
 def cli(*args: str, nproc: int = 1, timeout: float = 300, **extra_env: str):
     """`dist-train ARGS` on 1 process, or under torchrun with `nproc` gloo ranks."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "dist_train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "dist_train",
-            *args,
-        ]
+    cmd = command(list(args), nproc)
     return subprocess.run(
         cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
     )
@@ -51,21 +45,7 @@ def run_until_then_kill(
 ) -> bool:
     """Start training, SIGKILL the whole process group as soon as `condition()` holds.
     Returns True if it was killed, False if the run ended first."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "dist_train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "dist_train",
-            *args,
-        ]
+    cmd = command(list(args), nproc)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
