@@ -76,3 +76,35 @@ def test_more_cpu_processes_than_cores_warns_once(monkeypatch):
         assert torch.get_num_threads() == 1  # each rank gets its share of the cores
     finally:
         torch.set_num_threads(before)
+
+
+def test_chunked_evaluation_equals_a_direct_computation():
+    """Metrics updated once per chunk of gathered rows (not per batch) give the exact values of
+    one pass over all rows; the in-memory loader is sliced directly."""
+    from dist_train.build import Head
+    from dist_train.evaluate import evaluate
+    from dist_train.metrics import MetricSet
+
+    acc = _accelerator()
+    torch.manual_seed(0)
+    table = Table(torch.randn(103, 4), torch.randint(0, 3, (103,)))
+    net = acc.prepare(nn.Linear(4, 3))
+    loader = acc.prepare(make_loader(table, 8, False, False))
+    assert fast_batches(loader) is not None
+    head = Head("multiclass", "cross_entropy")
+    names = ["accuracy", "f1", "confusion_matrix", "auroc"]
+    results = [
+        evaluate(net, loader, head, MetricSet(names, "multiclass", 3, acc.device), acc, chunk)
+        for chunk in (1, 20, 10_000)
+    ]
+    with torch.no_grad():
+        out = net(table.x)
+    direct = torch.nn.functional.cross_entropy(out, table.y, reduction="none").double().mean()
+    for r in results:
+        assert r["valid/rows"] == 103
+        assert abs(r["valid/loss"] - float(direct)) < 1e-9
+        assert r["valid/accuracy"] == float((out.argmax(1) == table.y).float().mean())
+        assert sum(map(sum, r["valid/confusion_matrix"])) == 103
+        assert r == results[0] or all(
+            abs(r[k] - results[0][k]) < 1e-6 for k in r if k != "valid/confusion_matrix"
+        )
