@@ -214,7 +214,8 @@ def dist_eval(case: dict, work: Path) -> dict:
     import plain
 
     from dist_train import build
-    from dist_train.data import Table, make_loader
+    from dist_train.batches import make_loader
+    from dist_train.data import Table
     from dist_train.evaluate import evaluate
     from dist_train.metrics import MetricSet
     from dist_train.recipe import load_recipe

@@ -1,8 +1,7 @@
-"""Data sources (through Hugging Face `datasets`) -> in-memory tensors -> whole-batch loaders.
+"""Data sources (through Hugging Face `datasets`) -> in-memory tensors (`Table`).
 
-Tables that fit in memory become two tensors once; batches are then sliced with one indexing
-op (`__getitems__`) instead of per-row access + collation, which is 5-100x faster and keeps
-accelerate's sharding, seedable sampler and `gather_for_metrics` intact.
+Everything is read, encoded and standardised once here; `batches.py` turns the tables into
+whole-batch loaders.
 """
 
 from __future__ import annotations
@@ -39,89 +38,6 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else 0
-
-
-class TensorRows(torch.utils.data.Dataset):
-    """Rows held as tensors; `__getitems__` lets DataLoader fetch a whole batch in one op."""
-
-    def __init__(self, table: Table) -> None:
-        self.x, self.y = table.x, table.y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i], torch.tensor(i)
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        """(features, targets, row indices): the indices let predict keep the input order and
-        the sample audit record exactly which rows each step trained on."""
-        idx = torch.as_tensor(indices)
-        if self.x.device.type != "cpu":  # rows live on the accelerator: ship only the indices
-            idx = idx.pin_memory().to(self.x.device, non_blocking=True)  # async, no host sync
-        return self.x[idx], self.y[idx], idx
-
-    def place(self, device: torch.device, budget: float = 0.25) -> None:
-        """Accelerator only: move the rows to `device` once when they take at most `budget` of
-        its free memory (batches are then sliced there, no host-to-device copy per step);
-        otherwise `fast_batches` copies each batch through pinned memory, asynchronously."""
-        if device.type != "cuda" or self.x.device == device:
-            return
-        free, _ = torch.cuda.mem_get_info(device)
-        if self.x.nbytes + self.y.nbytes <= budget * free:
-            self.x, self.y = self.x.to(device), self.y.to(device)
-
-
-def fast_batches(loader, skip: int = 0):
-    """Batches of an accelerate-prepared training loader over `TensorRows`, sliced straight
-    from the tensors; None for any other loader (iterate the loader itself then).
-
-    The index lists come from the loader's own batch sampler: accelerate's shard of it on N
-    processes and the seedable sampler keyed on (seed, epoch) (the caller's `set_epoch`
-    applies), so the rows, their order and the sharding are exactly those of iterating the
-    loader. What it leaves out is per-batch machinery this data does not need: DataLoader's
-    iterator and fetcher, DataLoaderShard's one-batch prefetch, `send_to_device` and state
-    bookkeeping (~40 us per batch here, 4% of an MLP step at batch 64). `skip` drops the first
-    batches (mid-epoch resume) without reading their rows."""
-    from accelerate.data_loader import DataLoaderShard
-
-    if not isinstance(loader, DataLoaderShard) or loader.rng_types:  # rng_types: synced per epoch
-        return None
-    dataset, sampler = loader.dataset, loader.batch_sampler
-    if type(dataset) is not TensorRows or sampler is None or loader.collate_fn is not whole_batch:
-        return None
-    device = getattr(loader, "device", None) or torch.device("cpu")
-    dataset.place(device)
-    return _slices(dataset, sampler, skip, device)
-
-
-def _slices(dataset: TensorRows, sampler, skip: int, device: torch.device):
-    copy = device.type != "cpu" and dataset.x.device != device  # rows on the host only
-    for i, indices in enumerate(sampler):
-        if i < skip:
-            continue
-        x, y, idx = dataset.__getitems__(indices)
-        if copy:  # pinned staging buffer -> async copy (the caching allocator keeps it alive)
-            x, y, idx = (t.pin_memory().to(device, non_blocking=True) for t in (x, y, idx))
-        yield x, y, idx
-
-
-def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Identity collate: `__getitems__` already returns the stacked batch."""
-    return batch
-
-
-def make_loader(table: Table, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0):
-    # An own generator: DataLoader otherwise draws its worker base seed from the GLOBAL RNG
-    # each time an epoch's iterator is created, shifting dropout masks after a mid-epoch resume.
-    return torch.utils.data.DataLoader(
-        TensorRows(table),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        collate_fn=whole_batch,
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
@@ -236,7 +152,14 @@ def _column(frame, name: str, source: str) -> np.ndarray:
     # Through arrow in one call: `frame[name]` is a lazy Column whose iteration formats one
     # row at a time (~35 us/row: minutes for 200k rows x 32 columns before the first step).
     arrow = getattr(frame, "with_format", None)  # a datasets.Dataset (images: a MemoryFrame)
-    col = np.asarray(arrow("arrow")[name].to_pylist() if arrow else frame[name])
+    if arrow is not None:
+        chunks = arrow("arrow")[name]
+        if _numeric(chunks):  # straight into numpy (NaN for nulls), no Python object per row;
+            return np.array(chunks.to_numpy())  # a writable copy, not a view of arrow's buffers
+        values = chunks.to_pylist()
+    else:
+        values = frame[name]
+    col = np.asarray(values)
     if (
         col.dtype == object
         and any(v is None for v in col)
@@ -246,6 +169,17 @@ def _column(frame, name: str, source: str) -> np.ndarray:
         # checks name the row instead of calling the column non-numeric or None a class.
         col = np.array([np.nan if v is None else v for v in col], dtype=np.float64)
     return col
+
+
+def _numeric(chunks) -> bool:
+    """Numbers arrow converts exactly: ints and floats (nulls become NaN), booleans without
+    nulls (with nulls numpy would get an object array: the slow path handles those)."""
+    import pyarrow as pa
+
+    kind = chunks.type
+    if pa.types.is_boolean(kind):
+        return chunks.null_count == 0
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
 def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:

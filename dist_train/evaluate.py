@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .batches import fast_batches
 from .build import Head
-from .data import fast_batches
 from .metrics import MetricSet
 
 # Rows buffered between loss/metric updates. The sums behind every metric (counts, confusion

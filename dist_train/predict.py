@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from . import build
-from .data import Table, load_table, make_loader
+from .batches import make_loader
+from .data import Table, load_table
 from .errors import UserError
 from .evaluate import evaluate, gathered_outputs
 from .finetune import load_weights

@@ -10,8 +10,8 @@ import torch
 
 from . import build, lifecycle
 from .augment import augment_batch, augment_generator
+from .batches import fast_batches, make_loader
 from .config import Recipe, default_mode
-from .data import fast_batches, make_loader
 from .errors import CollectiveFailure, UserError
 from .evaluate import evaluate
 from .run_io import (

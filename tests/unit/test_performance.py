@@ -3,10 +3,12 @@ torch's, `train.compile` keeps clean parameter names, and the CPU process-count 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from dist_train.data import Table, fast_batches, make_loader
+from dist_train.batches import fast_batches, make_loader
+from dist_train.data import Table
 from dist_train.runtime import place_model
 from dist_train.step import _total_norm
 
@@ -19,19 +21,24 @@ def _accelerator():
     )
 
 
-def test_fast_batches_match_the_prepared_loader():
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fast_batches_match_the_prepared_loader(shuffle):
+    """Same rows, same order, same batches as iterating accelerate's loader (the index tensors
+    are slices of the seedable sampler's own permutation), for every epoch and resume skip."""
     acc = _accelerator()
     table = Table(torch.randn(103, 4), torch.randint(0, 3, (103,)))
-    loader = acc.prepare(make_loader(table, 8, True, True, seed=3))
-    for epoch in (0, 1):
+    loader = acc.prepare(make_loader(table, 8, shuffle, shuffle, seed=3))
+    for epoch in (0, 1, 2):
         loader.set_epoch(epoch)
         slow = list(loader)
         for skip in (0, 5):
             loader.set_epoch(epoch)
             fast = list(fast_batches(loader, skip))
-            assert len(fast) == len(slow) - skip
+            assert len(fast) == len(slow) - skip == (12 if shuffle else 13) - skip
             for a, b in zip(slow[skip:], fast, strict=True):
                 assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+        if shuffle:  # the sampler's own epoch moves on once exhausted, as when iterated
+            assert loader.batch_sampler.sampler.epoch == epoch + 1
     assert fast_batches(acc.prepare(torch.utils.data.DataLoader(range(10))), 0) is None
 
 
@@ -40,6 +47,26 @@ def test_total_norm_equals_torch():
     assert torch.equal(_total_norm(grads), torch.nn.utils.get_total_norm(grads))
     grads[1][0] = float("nan")
     assert not torch.isfinite(_total_norm(grads))
+
+
+def test_fused_finite_check_finds_inf_and_nan_and_leaves_gradients_alone():
+    from dist_train.step import _all_finite
+
+    params = [
+        nn.Parameter(torch.zeros(4, 3)),
+        nn.Parameter(torch.zeros(5)),
+        nn.Parameter(torch.zeros(2)),
+    ]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in params[:2]]
+    assert _all_finite(params)  # params[2] has no gradient (frozen / unused): skipped
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=False))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        params[1].grad[3] = bad
+        assert not _all_finite(params)
+        params[1].grad[3] = 0.0
+        assert _all_finite(params)
 
 
 def test_compile_keeps_state_dict_names():
