@@ -50,10 +50,11 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         vframe = load_source(cfg.valid_source, cfg, key="data.valid_source")
         valid = (_features(vframe, feats, cfg), _column(vframe, cfg.target, cfg.valid_source))
     classes, y_all, keep = _encode_targets(y_raw, cfg, None if valid is None else valid[1])
-    x_all = x_all[keep]
+    x_all = x_all if bool(keep.all()) else x_all[keep]  # no second copy when nothing is dropped
     if valid is not None:
         _, vy, vkeep = _encode_targets(valid[1], cfg, None, classes)
-        train, vtab = Table(x_all, y_all), Table(valid[0][vkeep], vy)
+        vx = valid[0] if bool(vkeep.all()) else valid[0][vkeep]
+        train, vtab = Table(x_all, y_all), Table(vx, vy)
     else:
         train, vtab = _split(
             Table(x_all, y_all),
@@ -77,16 +78,15 @@ def _fit_standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
-    """A `datasets.Dataset` for one `kind:location` source string (`key` names it in errors)."""
+    """The table behind one `kind:location` source string (`key` names it in errors): a
+    `datasets.Dataset`, a pyarrow Table (parquet) or a MemoryFrame (decoded images), all read
+    through `column_names`, `num_rows` and `_column`."""
     kind, _, loc = source.partition(":")
     if not loc:
         raise UserError(
             f"{key} `{source}`: expected KIND:LOCATION, e.g. sklearn:digits, "
             "csv:data/train.csv, imagefolder:data/images."
         )
-    import datasets
-
-    datasets.disable_progress_bars()
     if kind == "sklearn":
         return _sklearn(loc, f"{key} `{source}`")
     if kind in FILE_KINDS:
@@ -96,6 +96,21 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
                 "(relative paths are from the current directory)."
             )
         try:
+            if kind == "parquet":
+                # A local parquet file is already arrow: pyarrow (the reader `datasets` itself
+                # uses for it) gives the same table directly, without importing `datasets`
+                # (~0.9 s before the first step) or writing a second copy into its cache.
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(loc)
+                # Decoding buffers are freed but kept by arrow's allocator: hand them back to
+                # the OS (~50 MiB per 25 MiB of table here) rather than carry them all run.
+                pa.default_memory_pool().release_unused()
+                return table
+            import datasets
+
+            datasets.disable_progress_bars()
             return datasets.load_dataset(kind, data_files=loc, split="train")
         except Exception as err:  # parse errors from pyarrow/pandas carry the useful detail
             raise UserError(
@@ -108,6 +123,9 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
 
         return load_imagefolder(loc, cfg, f"{key} `{source}`")
     if kind == "hub":
+        import datasets
+
+        datasets.disable_progress_bars()
         return datasets.load_dataset(loc, split=cfg.split)
     close = difflib.get_close_matches(kind, ["sklearn", *FILE_KINDS, "disk", "imagefolder", "hub"])
     hint = f" Did you mean `{close[0]}`?" if close else ""
@@ -142,7 +160,7 @@ def _from_disk(loc: str, split: str, source: str):
     return ds
 
 
-def _column(frame, name: str, source: str) -> np.ndarray:
+def _column(frame, name: str, source: str, copy: bool = True) -> np.ndarray:
     if name not in frame.column_names:
         close = difflib.get_close_matches(name, frame.column_names, n=1)
         hint = f"did you mean `{close[0]}`? " if close else ""
@@ -152,10 +170,11 @@ def _column(frame, name: str, source: str) -> np.ndarray:
     # Through arrow in one call: `frame[name]` is a lazy Column whose iteration formats one
     # row at a time (~35 us/row: minutes for 200k rows x 32 columns before the first step).
     arrow = getattr(frame, "with_format", None)  # a datasets.Dataset (images: a MemoryFrame)
-    if arrow is not None:
-        chunks = arrow("arrow")[name]
-        if _numeric(chunks):  # straight into numpy (NaN for nulls), no Python object per row;
-            return np.array(chunks.to_numpy())  # a writable copy, not a view of arrow's buffers
+    if arrow is not None or hasattr(frame, "schema"):  # ... or a pyarrow Table (parquet)
+        chunks = arrow("arrow")[name] if arrow is not None else frame[name]
+        if _numeric(chunks):  # straight into numpy (NaN for nulls), no Python object per row
+            values = chunks.to_numpy()  # may be a read-only view of arrow's buffers
+            return np.array(values) if copy else values
         values = chunks.to_pylist()
     else:
         values = frame[name]
@@ -185,9 +204,10 @@ def _numeric(chunks) -> bool:
 def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
     if "__image__" in frame.column_names:  # imagefolder: already a pixel array
         return torch.as_tensor(np.stack(frame["__image__"]), dtype=torch.float32)
-    cols = []
-    for name in names:
-        col = _column(frame, name, cfg.source)
+    # Filled column by column: one float32 copy of the table at a time (peak memory).
+    values = np.empty((frame.num_rows, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        col = _column(frame, name, cfg.source, copy=False)
         if not np.issubdtype(col.dtype, np.number) and col.dtype != bool:
             bad = next((i for i, v in enumerate(col) if not _is_number(v)), 0)
             value = col[bad].item() if isinstance(col[bad], np.generic) else col[bad]
@@ -196,8 +216,8 @@ def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
                 f"{value!r}); encode it as numbers or leave it out of "
                 "data.features."
             )
-        cols.append(col.astype(np.float32))
-    x = torch.from_numpy(np.stack(cols, axis=1)) if cols else torch.zeros(frame.num_rows, 0)
+        values[:, j] = col
+    x = torch.from_numpy(values)
     if torch.isnan(x).any():
         row, colno = (int(v) for v in torch.nonzero(torch.isnan(x))[0])
         raise UserError(

@@ -60,6 +60,36 @@ def test_file_sources(tmp_path, frame, kind):
     _check_table(load_data(cfg(f"{kind}:{path}"), seed=0), frame)
 
 
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_empty_cells_and_string_labels_read_the_same_from_every_file_kind(tmp_path, kind):
+    """Numbers, booleans, strings and empty cells come out identically whether the file is
+    read by `datasets` (csv) or by pyarrow directly (parquet): a missing number is named by
+    row; string labels are encoded in sorted order."""
+
+    frame = pd.DataFrame(
+        {
+            "a": [1, 2, 3, 4, 5, 6],
+            "flag": [True, False, True, True, False, False],
+            "label": ["cat", "dog", "cat", "eel", "dog", "cat"],
+        }
+    )
+    path = tmp_path / f"data.{kind}"
+    getattr(frame, f"to_{kind}")(path, index=False)
+    bundle = load_data(cfg(f"{kind}:{path}", target="label", valid_fraction=0), seed=0)
+    assert bundle.classes == ["cat", "dog", "eel"]
+    assert sorted(bundle.train.x[:, 0].tolist()) == [1, 2, 3, 4, 5, 6]
+    assert bundle.train.x[:, 1].sum() == 3
+    frame["a"] = frame["a"].astype("Int64")
+    frame.loc[3, "a"] = None
+    getattr(frame, f"to_{kind}")(path, index=False)
+    with pytest.raises(UserError, match=r"`a` is missing/NaN in row 3"):
+        load_data(cfg(f"{kind}:{path}", target="label", valid_fraction=0), seed=0)
+    path.write_bytes(b"not a table at all\x00\x01")
+    if kind == "parquet":
+        with pytest.raises(UserError, match="cannot parse"):
+            load_data(cfg(f"{kind}:{path}", target="label", valid_fraction=0), seed=0)
+
+
 def test_disk_source(tmp_path, frame):
     import datasets
 
