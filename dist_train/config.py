@@ -258,6 +258,11 @@ class TrainConfig(Strict):
     eval_every_epochs: int = Field(1, ge=1, description="epochs between validations")
     compile: bool = Field(False, description="wrap the model in torch.compile")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="peak TFLOP/s per process for the logged MFU (known GPUs built in)",
+    )
     on_nonfinite: Literal["stop", "skip", "ignore"] = Field(
         "stop",
         description="a NaN/inf gradient: stop (diagnostic, keep the last good "

@@ -94,6 +94,7 @@ def open_log(
     model,
     notes: list[str],
     steps_per_epoch: int | None = None,
+    flops: tuple[float | None, float | None] = (None, None),
 ) -> RunLog:
     """The run's log on every rank (a no-op object off the main process): trackers opened once,
     run.json written, the plan printed once. A resumed run keeps its tracker run id."""
@@ -116,6 +117,7 @@ def open_log(
     if accelerator.is_main_process:
         info = _run_info(accelerator, recipe, plan, total, model, steps_per_epoch, log.run_id)
         info["rank_recipe_hashes"] = run.rank_recipe_hashes
+        info["train_flops_per_sample"], info["peak_tflops"] = flops
         checkpoint.write_json_atomic(run_dir / "run.json", info | {"status": "running"})
         log.info(_plan_text(info, run_dir))
         for note in notes:
@@ -188,7 +190,15 @@ def _plan_text(info: dict, run_dir: Path) -> str:
         f"{info['world_size']} processes x {info['grad_accum']} accumulation\n"
         f"  {epochs}{info['total_steps']} optimizer steps\n"
         f"  parameters {info['trainable_params']:,} trainable, {info['frozen_params']:,} frozen"
+        + _flops_text(info.get("train_flops_per_sample"), info.get("peak_tflops"))
     )
+
+
+def _flops_text(per_sample: float | None, peak: float | None) -> str:
+    if not per_sample:
+        return ""
+    mfu = f", MFU against {peak:g} TFLOP/s per process" if peak else ""
+    return f"\n  {per_sample / 1e6:.3g} MFLOP per training sample (3x forward){mfu}"
 
 
 def save(accelerator, run_dir: Path, recipe, state) -> Path:

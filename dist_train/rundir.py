@@ -25,6 +25,7 @@ NOT_TRAINING_RELEVANT = (
     "sweep",
     "train.log_every_steps",
     "train.threads",
+    "train.peak_tflops",
 )
 RUN_FILES = (
     "metrics.jsonl",

@@ -14,6 +14,7 @@ from .batches import fast_batches, make_loader
 from .config import Recipe, default_mode
 from .errors import CollectiveFailure, UserError
 from .evaluate import evaluate
+from .flops import peak_tflops, train_flops_per_sample
 from .run_io import (
     agree_run_dir,
     configure_ddp,
@@ -74,6 +75,9 @@ def train(
     # On a GPU the model moves there before the optimizer is built (fused optimizer kernels
     # need the parameters' device); `train.compile` compiles it in place (clean state dicts).
     model = place_model(model, accelerator.device, recipe.train.compile)
+    # Counted once on two rows, with no effect on the weights, statistics or random streams.
+    flops = train_flops_per_sample(model, data.train.x[:2].to(accelerator.device))
+    peak = peak_tflops(accelerator.device, recipe.train.peak_tflops)
     optimizer = build.build_optimizer(model, recipe.optimizer)
     total = build.total_steps(recipe, len(data.train.y))
     if total == 0:
@@ -104,6 +108,7 @@ def train(
         model,
         notes,
         steps_per_epoch=per_epoch,
+        flops=(flops, peak),
     )
     loop = Loop(
         recipe,
@@ -121,6 +126,8 @@ def train(
         per_epoch,
         audit=_open_audit(run_dir, accelerator.process_index),
         heartbeat=lifecycle.Heartbeat(accelerator.process_index, accelerator.num_processes),
+        flops_per_sample=flops,
+        peak_tflops=peak,
     )
     try:
         return fit(loop, data)
@@ -184,6 +191,8 @@ class Loop:
     loss_sum: object = None  # train loss summed on device since the last log line
     n_loss: int = 0
     tick: float = 0.0
+    flops_per_sample: float | None = None  # training FLOPs (3x forward), for model_tflops / mfu
+    peak_tflops: float | None = None  # per process, for mfu
     result: dict = field(default_factory=dict)
 
 
@@ -273,9 +282,7 @@ def after_step(loop: Loop, out: StepOutput, step_rows: list) -> str | None:
     state.step_in_epoch += 1
     if state.step % t.log_every_steps == 0 or state.step == loop.total:
         lifecycle.set_phase(f"train-loss reduce at step {state.step}")
-        loop.tick = _log_train(
-            acc, loop.log, state, loop.loss_sum, loop.n_loss, out.norm, loop.optimizer, loop.tick, t
-        )
+        loop.tick = _log_train(loop, out.norm)
         loop.loss_sum.zero_()
         loop.n_loss = 0
     else:
@@ -356,19 +363,26 @@ class Preempted(Exception):
     """Raised after the synchronized save; the CLI exits with EXIT_PREEMPTED."""
 
 
-def _log_train(accelerator, log, state, loss_sum, n_loss, norm, optimizer, tick, t) -> float:
+def _log_train(loop: Loop, norm) -> float:
     """Figures of the steps since the last log line. The only device reads of the loop happen
     here, once per log interval: the loss was summed on device, never read per step."""
+    accelerator, log, state, t = loop.accelerator, loop.log, loop.state, loop.recipe.train
+    tick, n_loss = loop.tick, loop.n_loss
     # Collective at the log interval (same step on every rank): the mean loss over all ranks.
-    loss = accelerator.reduce(loss_sum / max(n_loss, 1), reduction="mean")
+    loss = accelerator.reduce(loop.loss_sum / max(n_loss, 1), reduction="mean")
     now = time.perf_counter()
     steps = max(n_loss // t.grad_accum, 1)  # optimizer steps since the last log (n_loss: micro)
     fields = {
         "train/loss": float(loss),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": loop.optimizer.param_groups[0]["lr"],
         "samples_per_s": steps * t.batch_size / max(now - tick, 1e-9),
         "step_time": (now - tick) / steps,
     }
+    if loop.flops_per_sample:  # model FLOPs actually achieved, and their share of the peak
+        fields["model_tflops"] = loop.flops_per_sample * fields["samples_per_s"] / 1e12
+        if loop.peak_tflops:  # per process: the global rate over every process's peak
+            peak = loop.peak_tflops * accelerator.num_processes
+            fields["mfu"] = fields["model_tflops"] / peak
     if norm is not None:
         fields["grad_norm"] = float(norm)
     if accelerator.device.type == "cuda":  # allocator statistics: no sync, no GPU work
