@@ -118,11 +118,16 @@ _FLAGS: dict = {}  # per device: (found-non-finite flag, scale 1.0) for the fuse
 def _all_finite(params: list[torch.Tensor]) -> bool:
     """No inf/NaN in any gradient, by the fused kernel GradScaler uses to find overflows (one
     pass over all gradients, multiplying them by 1.0: values unchanged). Between log steps it
-    replaces the norm, which costs two kernels per parameter (~2x the time here); gradients
-    on several devices fall back to the norm."""
+    replaces the norm, which costs two kernels per parameter (~2x the time here).
+
+    Sharded gradients (FSDP's DTensors) take the norm instead: a check of this rank's shard
+    alone could let ranks disagree on skipping the step, while the norm of DTensors is the
+    global one. Gradients on several devices fall back to the norm too."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
+    if any(type(g) is not torch.Tensor for g in grads):  # DTensor & co.: the global norm
+        return math.isfinite(_total_norm(grads))
     device = grads[0].device
     if device not in _FLAGS:
         _FLAGS[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
@@ -130,7 +135,7 @@ def _all_finite(params: list[torch.Tensor]) -> bool:
     try:
         found.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
-    except RuntimeError:
+    except (RuntimeError, NotImplementedError):  # e.g. gradients on several devices
         return math.isfinite(_total_norm(grads))
     return not bool(found)
 
