@@ -137,13 +137,17 @@ def cmd_summary(args) -> int:
 def cmd_eval(args) -> int:
     from .predict import run_eval
 
-    return run_eval(args)
+    code = run_eval(args)
+    _leave_process_group()
+    return code
 
 
 def cmd_predict(args) -> int:
     from .predict import run_predict
 
-    return run_predict(args)
+    code = run_predict(args)
+    _leave_process_group()
+    return code
 
 
 def _report(argv: list[str]) -> int:

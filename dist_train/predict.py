@@ -87,6 +87,7 @@ def run_eval(args) -> int:
         out = Path(args.output) if args.output else _default_out(args.checkpoint, "eval.json")
         out.write_text(text + "\n")
         print(f"wrote {out}")
+    accelerator.wait_for_everyone()  # collective: every rank leaves the process group together
     return 0
 
 
@@ -112,6 +113,7 @@ def run_predict(args) -> int:
             writer.writerow(header)
             writer.writerows(sorted(rows))  # gathered in input order already; sort is a guard
         print(f"wrote {len(rows)} predictions to {out}")
+    accelerator.wait_for_everyone()  # collective: every rank leaves the process group together
     return 0
 
 
