@@ -38,4 +38,4 @@ clean:
 
 # Regenerate the recipe reference in README from the typed config (a test checks it is current).
 reference: $(STAMP)
-	$(BIN)/python -m dist_train.schema_doc README.md
+	$(BIN)/python -m dist_train.config.reference README.md

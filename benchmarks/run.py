@@ -112,8 +112,8 @@ def prepare(work: Path, quick: bool) -> dict:
             case["overrides"] = [f"train.epochs={case['epochs']}"]
     (work / "cases.json").write_text(json.dumps(cases, indent=1))
     from dist_train import build
-    from dist_train.data import DataBundle, Table
-    from dist_train.recipe import load_recipe
+    from dist_train.config.recipe import load_recipe
+    from dist_train.data.sources import DataBundle, Table
 
     for name, case in cases.items():
         if "recipe" not in case:
@@ -164,8 +164,8 @@ def dist_train_run(case: dict, work: Path, out: Path) -> dict:
     from safetensors.torch import load_file
 
     from dist_train import build
-    from dist_train.recipe import load_recipe
-    from dist_train.trainer import train
+    from dist_train.config.recipe import load_recipe
+    from dist_train.training.trainer import train
 
     recipe = load_recipe(case["recipe"], case.get("overrides", []))
     marks = {}
@@ -214,12 +214,12 @@ def dist_eval(case: dict, work: Path) -> dict:
     import plain
 
     from dist_train import build
-    from dist_train.batches import make_loader
-    from dist_train.data import Table
-    from dist_train.evaluate import evaluate
-    from dist_train.metrics import MetricSet
-    from dist_train.recipe import load_recipe
-    from dist_train.runtime import make_accelerator
+    from dist_train.config.recipe import load_recipe
+    from dist_train.data.loaders import make_loader
+    from dist_train.data.sources import Table
+    from dist_train.training.distributed import make_accelerator
+    from dist_train.training.evaluate import evaluate
+    from dist_train.training.metrics import MetricSet
 
     recipe = load_recipe(str(work / "weights.yaml"), [])
     x, y = plain.load_parquet(work / "train.parquet")

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import Recipe
-from .data import DataBundle, load_data
-from .errors import UserError
-from .models import Net, build_model
+from dist_train.config.schema import Recipe
+from dist_train.data.sources import DataBundle, load_data
+from dist_train.errors import UserError
+from dist_train.model.net import Net, build_model
 
 
 @dataclass
@@ -122,12 +122,12 @@ def epochs_needed(recipe: Recipe, n_train: int) -> int:
 
 
 def build_optimizer(model: Net, cfg) -> torch.optim.Optimizer:
-    from .optim import build_optimizer as _make
+    from dist_train.training.optim import build_optimizer as _make
 
     return _make(model, cfg)
 
 
 def build_scheduler(optimizer, cfg, total: int, peak_lr: float):
-    from .optim import build_scheduler as _make
+    from dist_train.training.optim import build_scheduler as _make
 
     return _make(optimizer, cfg, total, peak_lr)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import RunFailure, UserError, is_main_rank
+from dist_train.errors import RunFailure, UserError, is_main_rank
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # its own parser lives in report.py
     p = sub.add_parser("schema", help="print the recipe reference (markdown)")
     p.set_defaults(func=cmd_schema)
-    from . import slurm_cli, sweep_cli
+    from dist_train.launch import cli as slurm_cli
+    from dist_train.sweep import cli as sweep_cli
 
     slurm_cli.register(sub)
     sweep_cli.register(sub)
@@ -93,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import lifecycle
+    from dist_train.training import signals
 
-    lifecycle.install()  # first: a SLURM warning signal during start-up must not be lost
-    from .recipe import load_recipe
+    signals.install()  # first: a SLURM warning signal during start-up must not be lost
+    from dist_train.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from .trainer import EXIT_PREEMPTED, Preempted, train
+    from dist_train.training.trainer import EXIT_PREEMPTED, Preempted, train
 
     try:
         train(recipe, args.output_dir, restart=args.restart, allow_changed=args.allow_changed)
@@ -121,21 +122,21 @@ def _leave_process_group() -> None:
 
 
 def cmd_check(args) -> int:
-    from .inspect_recipe import check
+    from dist_train.tools.inspect import check
 
     print(check(args.recipe, args.overrides))
     return 0
 
 
 def cmd_summary(args) -> int:
-    from .inspect_recipe import summary
+    from dist_train.tools.inspect import summary
 
     print(summary(args.recipe, args.overrides))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .predict import run_eval
+    from dist_train.tools.predict import run_eval
 
     code = run_eval(args)
     _leave_process_group()
@@ -143,7 +144,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import run_predict
+    from dist_train.tools.predict import run_predict
 
     code = run_predict(args)
     _leave_process_group()
@@ -151,13 +152,13 @@ def cmd_predict(args) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    from .report import main as report_main
+    from dist_train.report.html import main as report_main
 
     return report_main(argv)
 
 
 def cmd_schema(args) -> int:
-    from .schema_doc import reference_markdown
+    from dist_train.config.reference import reference_markdown
 
     print(reference_markdown())
     return 0

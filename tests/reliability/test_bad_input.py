@@ -313,8 +313,8 @@ def test_disk_full_during_a_checkpoint(rel_recipe, tmp_path, small_disk):
 
 
 def test_disk_full_during_the_export_keeps_the_previous_file(small_disk):
-    from dist_train.checkpoint import export_model
     from dist_train.errors import UserError
+    from dist_train.run.checkpoint import export_model
 
     disk = small_disk(256)
     target = disk / "model.safetensors"
@@ -328,8 +328,8 @@ def test_disk_full_during_the_export_keeps_the_previous_file(small_disk):
 
 
 def test_disk_full_while_writing_run_json(small_disk):
-    from dist_train.checkpoint import write_json_atomic
     from dist_train.errors import UserError
+    from dist_train.run.checkpoint import write_json_atomic
 
     disk = small_disk(64)
     (disk / "filler").write_bytes(b"\0" * (64 * 1024))  # fills it (tmpfs counts whole pages)

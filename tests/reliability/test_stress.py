@@ -35,7 +35,7 @@ def _api_train():
     already have replaced by the submodule: see test_api_train_survives_a_call)."""
     import importlib
 
-    return importlib.import_module("dist_train.trainer").train
+    return importlib.import_module("dist_train.training.trainer").train
 
 
 def _usage(proc) -> tuple[float, int, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train import slurm
+from dist_train.launch import slurm
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train import slurm
+from dist_train.launch import slurm
 
 RECIPE = "recipes/mnist.yaml"
 
@@ -364,7 +364,7 @@ def test_submit_without_sbatch_says_where_to_run(
 
 
 def test_import_does_not_pull_in_torch() -> None:
-    code = "import sys, dist_train.slurm; print('torch' in sys.modules)"
+    code = "import sys, dist_train.launch.slurm; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2]
     )

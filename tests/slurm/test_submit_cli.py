@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from procs import ROOT
 
-from dist_train import slurm
 from dist_train.cli import main
+from dist_train.launch import slurm
 
 WINE = str(ROOT / "recipes" / "wine_mlp.yaml")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_train.augment import augment_batch, augment_generator
-from dist_train.config import AugmentConfig
+from dist_train.config.schema import AugmentConfig
+from dist_train.data.augment import augment_batch, augment_generator
 
 
 def images(n: int = 16, c: int = 2, h: int = 7, w: int = 9) -> torch.Tensor:

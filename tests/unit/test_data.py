@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_train.batches import TensorRows, make_loader
-from dist_train.config import DataConfig
-from dist_train.data import SKLEARN_SETS, Table, load_data
+from dist_train.config.schema import DataConfig
+from dist_train.data.loaders import TensorRows, make_loader
+from dist_train.data.sources import SKLEARN_SETS, Table, load_data
 from dist_train.errors import UserError
 
 N = 40

@@ -7,9 +7,9 @@ import json
 import torch
 from torch import nn
 
-from dist_train.flops import peak_tflops, train_flops_per_sample
-from dist_train.recipe import load_recipe
-from dist_train.trainer import train
+from dist_train.config.recipe import load_recipe
+from dist_train.training.flops import peak_tflops, train_flops_per_sample
+from dist_train.training.trainer import train
 
 
 def test_counts_three_times_the_forward_matmuls():

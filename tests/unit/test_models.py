@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dist_train.cli import main
-from dist_train.config import FinetuneConfig, InitConfig, ModelConfig
+from dist_train.config.layers import ModuleArgs
+from dist_train.config.schema import FinetuneConfig, InitConfig, ModelConfig
 from dist_train.errors import UserError
-from dist_train.finetune import prepare_finetune
-from dist_train.layers_spec import ModuleArgs
-from dist_train.models import build_model, format_summary, summary_rows
+from dist_train.model.finetune import prepare_finetune
+from dist_train.model.net import build_model, format_summary, summary_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 

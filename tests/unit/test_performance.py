@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from dist_train.batches import fast_batches, make_loader
-from dist_train.data import Table
-from dist_train.runtime import place_model
-from dist_train.step import _total_norm
+from dist_train.data.loaders import fast_batches, make_loader
+from dist_train.data.sources import Table
+from dist_train.training.distributed import place_model
+from dist_train.training.step import _total_norm
 
 
 def _accelerator():
@@ -50,7 +50,7 @@ def test_total_norm_equals_torch():
 
 
 def test_fused_finite_check_finds_inf_and_nan_and_leaves_gradients_alone():
-    from dist_train.step import _all_finite
+    from dist_train.training.step import _all_finite
 
     params = [
         nn.Parameter(torch.zeros(4, 3)),
@@ -90,7 +90,7 @@ def test_compile_keeps_state_dict_names():
 def test_more_cpu_processes_than_cores_warns_once(monkeypatch):
     import pytest
 
-    from dist_train.runtime import _cpu_processes
+    from dist_train.training.distributed import _cpu_processes
 
     class Acc:
         num_processes, is_main_process = 1, True
@@ -109,8 +109,8 @@ def test_chunked_evaluation_equals_a_direct_computation():
     """Metrics updated once per chunk of gathered rows (not per batch) give the exact values of
     one pass over all rows; the in-memory loader is sliced directly."""
     from dist_train.build import Head
-    from dist_train.evaluate import evaluate
-    from dist_train.metrics import MetricSet
+    from dist_train.training.evaluate import evaluate
+    from dist_train.training.metrics import MetricSet
 
     acc = _accelerator()
     torch.manual_seed(0)
@@ -129,7 +129,9 @@ def test_chunked_evaluation_equals_a_direct_computation():
     direct = torch.nn.functional.cross_entropy(out, table.y, reduction="none").double().mean()
     for r in results:
         assert r["valid/rows"] == 103
-        assert abs(r["valid/loss"] - float(direct)) < 1e-9
+        # float32 outputs of a batch-of-103 forward vs the loader's batches differ in the last
+        # bits on some CPUs (matmul blocking): a float32-level bound, not float64's.
+        assert abs(r["valid/loss"] - float(direct)) < 1e-6
         assert r["valid/accuracy"] == float((out.argmax(1) == table.y).float().mean())
         assert sum(map(sum, r["valid/confusion_matrix"])) == 103
         assert r == results[0] or all(

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_train import schema_doc
+from dist_train.config import reference as schema_doc
+from dist_train.config.recipe import apply_override, dump_yaml, load_recipe, recipe_hash, resolved
 from dist_train.errors import UserError
-from dist_train.recipe import apply_override, dump_yaml, load_recipe, recipe_hash, resolved
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_train import report
 from dist_train.errors import UserError
+from dist_train.report import html as report
 
 EPOCHS, STEPS_PER_EPOCH, LOG_EVERY, BATCH = 12, 100, 5, 64
 FIGURES = ["loss.png", "metrics.png", "lr.png", "throughput.png", "confusion_matrix.png"]

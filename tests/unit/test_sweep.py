@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from dist_train import slurm, sweep
-from dist_train.config import SweepConfig
+from dist_train.config.recipe import load_recipe, recipe_hash, validate
+from dist_train.config.schema import SweepConfig
 from dist_train.errors import UserError
-from dist_train.recipe import load_recipe, recipe_hash, validate
-from dist_train.sweep_cli import trial_command
+from dist_train.launch import slurm
+from dist_train.sweep import plan as sweep
+from dist_train.sweep.cli import trial_command
 
 ROOT = Path(__file__).resolve().parents[2]
 WINE_SWEEP = ROOT / "recipes" / "wine_sweep.yaml"
@@ -271,7 +272,7 @@ def test_min_direction_ranks_lowest_first(raw, tmp_path):
 
 
 def test_sweep_report_plots_metric_against_each_param(raw, tmp_path):
-    from dist_train.report import write_report
+    from dist_train.report.html import write_report
 
     d = tmp_path / "s"
     fabricate(d, raw)

@@ -1,0 +1,165 @@
+"""Run-level recipe sections: checkpoints, fine-tuning, trackers, SLURM defaults, sweeps."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from dist_train.config.base import Strict, default_mode
+
+
+class BestCheckpoint(Strict):
+    monitor: str = Field("valid/loss", description="metric deciding the best checkpoint")
+    mode: Literal["min", "max"] | None = Field(None, description="default: from the metric name")
+
+
+class CheckpointConfig(Strict):
+    every_steps: int | None = Field(None, ge=1, description="save every N optimizer steps")
+    every_epochs: int = Field(1, ge=0, description="save every N epochs (0: never)")
+    keep: int = Field(2, ge=1, description="keep the last K complete checkpoints")
+    best: BestCheckpoint | None = Field(None, description="also keep the best checkpoint")
+
+
+class FinetuneConfig(Strict):
+    from_: str = Field(
+        alias="from",
+        description="model.safetensors, a checkpoint dir, or a torch.save state dict (.pt/.pth)",
+    )
+    freeze: list[str] = Field(default_factory=list, description="globs of parameters to freeze")
+    reinit: list[str] = Field(default_factory=list, description="globs to keep freshly initialised")
+    allow_shape_mismatch: bool = Field(
+        False, description="reinitialise tensors whose shape differs instead of failing"
+    )
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class WandbConfig(Strict):
+    project: str = Field("dist-train", description="wandb project")
+    entity: str | None = Field(None, description="wandb entity (team/user)")
+    group: str | None = Field(None, description="wandb group")
+    tags: list[str] = Field(default_factory=list, description="wandb tags")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="default: $WANDB_MODE, else offline (never hangs without network)"
+    )
+
+
+class TrackingConfig(Strict):
+    wandb: WandbConfig | None = Field(None, description="log to Weights & Biases")
+    tensorboard: bool = Field(False, description="write TensorBoard events to RUN_DIR/tensorboard")
+
+
+class SlurmConfig(Strict):
+    """Defaults for `dist-train submit` (flags on the command line win)."""
+
+    nodes: int = Field(1, ge=1, description="nodes to allocate (multi_node when > 1)")
+    gpus_per_node: int = Field(
+        0, ge=0, description="GPUs per node, one process each (0: a CPU job)"
+    )
+    processes: int | None = Field(
+        None, ge=1, description="CPU jobs only: processes (gloo ranks) on the node"
+    )
+    time: str = Field(
+        "01:00:00",
+        pattern=r"^(\d+-)?\d{1,2}:[0-5]\d:[0-5]\d$",
+        description="time limit, HH:MM:SS or D-HH:MM:SS",
+    )
+    partition: str | None = Field(None, description="SLURM partition (default: the site's)")
+    grace_s: int = Field(
+        120, ge=0, description="seconds before the time limit when USR1 asks for a checkpoint"
+    )
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node-level task")
+    extra_sbatch: list[str] = Field(
+        default_factory=list, description="extra sbatch options, e.g. --account=abc, --qos=high"
+    )
+    ifname: str | None = Field(
+        None, description="network interface for NCCL/gloo (NCCL/GLOO_SOCKET_IFNAME), e.g. ib0"
+    )
+    rdzv_timeout_s: int = Field(
+        900, ge=1, description="multi-node: seconds the nodes wait for each other at start"
+    )
+
+
+class SweepParam(Strict):
+    """One searched recipe key: exactly one distribution (sampled by the sweep driver)."""
+
+    log_uniform: tuple[float, float] | None = Field(
+        None, description="[lo, hi], lo > 0: exp(U(ln lo, ln hi)); lr 10^-U(2,4) is [1e-4, 1e-2]"
+    )
+    uniform: tuple[float, float] | None = Field(None, description="[lo, hi]: U(lo, hi)")
+    int_uniform: tuple[int, int] | None = Field(
+        None, description="[lo, hi]: an integer in lo..hi, both included"
+    )
+    choice: list[Any] | None = Field(
+        None, min_length=1, description="values, one drawn uniformly per trial"
+    )
+    grid: list[Any] | None = Field(
+        None, min_length=1, description="values, every one tried (cartesian product over grids)"
+    )
+
+    @model_validator(mode="after")
+    def _one_valid(self) -> SweepParam:
+        given = [k for k in SWEEP_DISTRIBUTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one distribution, got {len(given)} ({', '.join(given) or 'none'}); "
+                f"one of {', '.join(SWEEP_DISTRIBUTIONS)}, e.g. {{log_uniform: [1.0e-4, 1.0e-2]}}"
+            )
+        kind = given[0]
+        if kind in ("log_uniform", "uniform", "int_uniform"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind} [{lo}, {hi}] needs lo < hi; write [low, high]")
+            if kind == "log_uniform" and lo <= 0:
+                raise ValueError(
+                    f"log_uniform [{lo}, {hi}] needs lo > 0 (no log of a non-positive number); "
+                    "use uniform, or a positive lower bound"
+                )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SWEEP_DISTRIBUTIONS if getattr(self, k) is not None)
+
+
+SWEEP_DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice", "grid")
+
+
+class SweepConfig(Strict):
+    """`dist-train sweep`: grid params form a cartesian product; at every grid point `trials`
+    random draws of the other params. Trial i draws from seed (seed, i) only, so raising `trials`
+    keeps the earlier trials."""
+
+    trials: int = Field(
+        1, ge=1, description="random trials per grid point (no grid params: the number of trials)"
+    )
+    seed: int = Field(
+        0, ge=0, description="seeds the sampling of all trials (same seed, same trials)"
+    )
+    metric: str = Field("valid/loss", description="valid/loss or valid/<metric> to optimize")
+    direction: Literal["min", "max"] | None = Field(
+        None, description="min or max (default: from the metric name)"
+    )
+    params: dict[str, SweepParam] = Field(
+        min_length=1,
+        description="dotted recipe key (e.g. optimizer.lr) -> {log_uniform|uniform|int_uniform|"
+        "choice|grid: [...]}",
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> SweepConfig:
+        for key in self.params:
+            if key == "name" or key.split(".")[0] == "sweep" or not all(key.split(".")):
+                raise ValueError(
+                    f"sweep.params.{key}: not a searchable key; name a recipe key such as "
+                    "optimizer.lr (not name or sweep.*)"
+                )
+        randoms = [k for k, p in self.params.items() if p.kind != "grid"]
+        if self.trials > 1 and not randoms:
+            raise ValueError(
+                f"sweep.trials: {self.trials} trials per grid point but no random params would "
+                "repeat identical trials; drop trials, or add e.g. seed: {choice: [0, 1, 2]}"
+            )
+        if self.direction is None:
+            self.direction = default_mode(self.metric)
+        return self

@@ -1,0 +1,334 @@
+"""Data sources (through Hugging Face `datasets`) -> in-memory tensors (`Table`).
+
+Everything is read, encoded and standardised once here; `batches.py` turns the tables into
+whole-batch loaders.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_train.config.schema import DataConfig
+from dist_train.errors import UserError
+
+SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
+FILE_KINDS = ("csv", "parquet", "json")
+
+
+@dataclass
+class Table:
+    x: torch.Tensor  # float32 [N, *input_shape]
+    y: torch.Tensor  # int64 [N] (classification) or float32 [N] (regression)
+
+
+@dataclass
+class DataBundle:
+    train: Table
+    valid: Table | None
+    input_shape: tuple[int, ...]
+    classes: list | None  # label of each class index; None for regression
+    feature_names: list[str] = field(default_factory=list)
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 0
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataBundle:
+    """Load, encode, split and (optionally) standardise; identical on every rank."""
+    frame = load_source(cfg.source, cfg)
+    feats = cfg.features or [c for c in frame.column_names if c != cfg.target]
+    x_all, y_raw = _features(frame, feats, cfg), _column(frame, cfg.target, cfg.source)
+    valid = None
+    if cfg.valid_source:
+        vframe = load_source(cfg.valid_source, cfg, key="data.valid_source")
+        valid = (_features(vframe, feats, cfg), _column(vframe, cfg.target, cfg.valid_source))
+    classes, y_all, keep = _encode_targets(y_raw, cfg, None if valid is None else valid[1])
+    x_all = x_all if bool(keep.all()) else x_all[keep]  # no second copy when nothing is dropped
+    if valid is not None:
+        _, vy, vkeep = _encode_targets(valid[1], cfg, None, classes)
+        vx = valid[0] if bool(vkeep.all()) else valid[0][vkeep]
+        train, vtab = Table(x_all, y_all), Table(vx, vy)
+    else:
+        train, vtab = _split(
+            Table(x_all, y_all),
+            cfg.valid_fraction,
+            seed if cfg.split_seed is None else cfg.split_seed,
+        )
+    norm = None
+    if cfg.standardize:
+        norm = _fit_standardize(train.x)
+    return DataBundle(train, vtab, tuple(train.x.shape[1:]), classes, feats, norm)
+
+
+def _fit_standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-split statistics: per feature for tables, per channel for images (per-pixel
+    statistics would turn always-blank border pixels into huge values once images shift)."""
+    dims = (0, 2, 3) if x.dim() == 4 else (0,)
+    mean, std = x.mean(dims, keepdim=x.dim() == 4), x.std(dims, keepdim=x.dim() == 4)
+    if x.dim() == 4:
+        mean, std = mean[0], std[0]
+    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
+
+
+def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
+    """The table behind one `kind:location` source string (`key` names it in errors): a
+    `datasets.Dataset`, a pyarrow Table (parquet) or a MemoryFrame (decoded images), all read
+    through `column_names`, `num_rows` and `_column`."""
+    kind, _, loc = source.partition(":")
+    if not loc:
+        raise UserError(
+            f"{key} `{source}`: expected KIND:LOCATION, e.g. sklearn:digits, "
+            "csv:data/train.csv, imagefolder:data/images."
+        )
+    if kind == "sklearn":
+        return _sklearn(loc, f"{key} `{source}`")
+    if kind in FILE_KINDS:
+        if not Path(loc).is_file():
+            raise UserError(
+                f"{key} `{source}`: file {loc} not found; check the path "
+                "(relative paths are from the current directory)."
+            )
+        try:
+            if kind == "parquet":
+                # A local parquet file is already arrow: pyarrow (the reader `datasets` itself
+                # uses for it) gives the same table directly, without importing `datasets`
+                # (~0.9 s before the first step) or writing a second copy into its cache.
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(loc)
+                # Decoding buffers are freed but kept by arrow's allocator: hand them back to
+                # the OS (~50 MiB per 25 MiB of table here) rather than carry them all run.
+                pa.default_memory_pool().release_unused()
+                return table
+            import datasets
+
+            datasets.disable_progress_bars()
+            return datasets.load_dataset(kind, data_files=loc, split="train")
+        except Exception as err:  # parse errors from pyarrow/pandas carry the useful detail
+            raise UserError(
+                f"{key} `{source}`: cannot parse {loc} as {kind}: {str(err).splitlines()[0][:200]}"
+            ) from None
+    if kind == "disk":
+        return _from_disk(loc, cfg.split, f"{key} `{source}`")
+    if kind == "imagefolder":
+        from dist_train.data.images import load_imagefolder
+
+        return load_imagefolder(loc, cfg, f"{key} `{source}`")
+    if kind == "hub":
+        import datasets
+
+        datasets.disable_progress_bars()
+        return datasets.load_dataset(loc, split=cfg.split)
+    close = difflib.get_close_matches(kind, ["sklearn", *FILE_KINDS, "disk", "imagefolder", "hub"])
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    raise UserError(
+        f"{key} `{source}`: unknown kind `{kind}`.{hint} Use sklearn, csv, "
+        "parquet, json, disk, imagefolder or hub."
+    )
+
+
+def _sklearn(name: str, source: str):
+    if name not in SKLEARN_SETS:
+        raise UserError(f"{source}: scikit-learn ships {', '.join(SKLEARN_SETS)}.")
+    import datasets
+    import sklearn.datasets
+
+    frame = getattr(sklearn.datasets, f"load_{name}")(as_frame=True).frame
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _from_disk(loc: str, split: str, source: str):
+    import datasets
+
+    if not Path(loc).is_dir():
+        raise UserError(
+            f"{source}: directory {loc} not found (expected the output of datasets' save_to_disk)."
+        )
+    ds = datasets.load_from_disk(loc)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"data.split `{split}`: {loc} has splits {list(ds)}.")
+        ds = ds[split]
+    return ds
+
+
+def _column(frame, name: str, source: str, copy: bool = True) -> np.ndarray:
+    if name not in frame.column_names:
+        close = difflib.get_close_matches(name, frame.column_names, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise UserError(
+            f"column `{name}` not in {source}; {hint}columns: {', '.join(frame.column_names[:20])}"
+        )
+    # Through arrow in one call: `frame[name]` is a lazy Column whose iteration formats one
+    # row at a time (~35 us/row: minutes for 200k rows x 32 columns before the first step).
+    arrow = getattr(frame, "with_format", None)  # a datasets.Dataset (images: a MemoryFrame)
+    if arrow is not None or hasattr(frame, "schema"):  # ... or a pyarrow Table (parquet)
+        chunks = arrow("arrow")[name] if arrow is not None else frame[name]
+        if _numeric(chunks):  # straight into numpy (NaN for nulls), no Python object per row
+            values = chunks.to_numpy()  # may be a read-only view of arrow's buffers
+            return np.array(values) if copy else values
+        values = chunks.to_pylist()
+    else:
+        values = frame[name]
+    col = np.asarray(values)
+    if (
+        col.dtype == object
+        and any(v is None for v in col)
+        and all(v is None or _is_number(v) for v in col)
+    ):
+        # Empty cells arrive as None (an object array): numbers with NaN, so the missing-value
+        # checks name the row instead of calling the column non-numeric or None a class.
+        col = np.array([np.nan if v is None else v for v in col], dtype=np.float64)
+    return col
+
+
+def _numeric(chunks) -> bool:
+    """Numbers arrow converts exactly: ints and floats (nulls become NaN), booleans without
+    nulls (with nulls numpy would get an object array: the slow path handles those)."""
+    import pyarrow as pa
+
+    kind = chunks.type
+    if pa.types.is_boolean(kind):
+        return chunks.null_count == 0
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
+    if "__image__" in frame.column_names:  # imagefolder: already a pixel array
+        return torch.as_tensor(np.stack(frame["__image__"]), dtype=torch.float32)
+    # Filled column by column: one float32 copy of the table at a time (peak memory).
+    values = np.empty((frame.num_rows, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        col = _column(frame, name, cfg.source, copy=False)
+        if not np.issubdtype(col.dtype, np.number) and col.dtype != bool:
+            bad = next((i for i, v in enumerate(col) if not _is_number(v)), 0)
+            value = col[bad].item() if isinstance(col[bad], np.generic) else col[bad]
+            raise UserError(
+                f"data.features: column `{name}` is not numeric (row {bad}: "
+                f"{value!r}); encode it as numbers or leave it out of "
+                "data.features."
+            )
+        values[:, j] = col
+    x = torch.from_numpy(values)
+    if torch.isnan(x).any():
+        row, colno = (int(v) for v in torch.nonzero(torch.isnan(x))[0])
+        raise UserError(
+            f"data: feature `{names[colno]}` is missing/NaN in row {row}; "
+            "clean the file or drop the column from data.features."
+        )
+    if cfg.shape:
+        if int(np.prod(cfg.shape)) != x.shape[1]:
+            raise UserError(
+                f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but "
+                f"rows have {x.shape[1]} features."
+            )
+        x = x.reshape(-1, *cfg.shape)
+    return x
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
+    """(classes, encoded targets, row mask) — label encoding, `data.classes` filtering, checks."""
+    keep = np.ones(len(y), dtype=bool)
+    missing = [i for i, v in enumerate(y.tolist()) if v is None][:1] if y.dtype == object else []
+    if missing:
+        raise UserError(
+            f"data.target `{cfg.target}` is missing in row {missing[0]}; every row needs a label."
+        )
+    if cfg.task == "regression":
+        yf = _numeric_target(y, cfg)
+        return None, torch.from_numpy(yf.astype(np.float32)), torch.from_numpy(keep)
+    if y.dtype.kind == "f":
+        if np.isnan(y).any():
+            raise UserError(
+                f"data.target `{cfg.target}` is NaN in row {int(np.isnan(y).argmax())};"
+                " every row needs a label."
+            )
+        if np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+    if classes is None:
+        classes = _class_list(y, cfg, extra)
+    if cfg.classes is not None:
+        keep = np.isin(y, np.asarray(classes, dtype=y.dtype))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [(i, v) for i, v in enumerate(y.tolist()) if keep[i] and v not in index][:1]
+    if unknown:
+        row, val = unknown[0]
+        raise UserError(
+            f"data.target `{cfg.target}`: row {row} has label {val!r} outside the "
+            f"{len(classes)} classes {classes[:10]}; fix the label or data.num_classes."
+        )
+    enc = np.fromiter((index[v] for v in y[keep].tolist()), dtype=np.int64, count=int(keep.sum()))
+    return classes, torch.from_numpy(enc), torch.from_numpy(keep)
+
+
+def _class_list(y: np.ndarray, cfg: DataConfig, extra) -> list:
+    if cfg.classes is not None:
+        return list(cfg.classes)
+    if cfg.num_classes and y.dtype.kind in "iu":
+        return list(range(cfg.num_classes))
+    seen = set(y.tolist()) | (set(extra.tolist()) if extra is not None else set())
+    classes = sorted(seen, key=lambda v: (str(type(v)), v))
+    want = 2 if cfg.task == "binary" else cfg.num_classes
+    if want and len(classes) != want:
+        raise UserError(
+            f"data.target `{cfg.target}`: found {len(classes)} distinct labels "
+            f"{classes[:10]} but the task needs {want}; check data.task/num_classes."
+        )
+    if len(classes) < 2:
+        raise UserError(f"data.target `{cfg.target}`: only one label {classes}; need at least 2.")
+    return [c.item() if hasattr(c, "item") else c for c in classes]
+
+
+def _numeric_target(y: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    if y.dtype.kind not in "iuf":
+        raise UserError(f"data.target `{cfg.target}` is not numeric but data.task is regression.")
+    y = y.astype(np.float64)
+    if np.isnan(y).any():
+        raise UserError(f"data.target `{cfg.target}` is NaN in row {int(np.isnan(y).argmax())}.")
+    return y
+
+
+def _split(table: Table, fraction: float, seed: int) -> tuple[Table, Table | None]:
+    if fraction == 0:
+        return table, None
+    n = len(table.y)
+    n_valid = max(1, round(n * fraction))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    v, t = perm[:n_valid], perm[n_valid:]
+    return Table(table.x[t], table.y[t]), Table(table.x[v], table.y[v])
+
+
+def load_table(
+    source: str,
+    cfg: DataConfig,
+    classes: list | None,
+    feature_names: list[str],
+    require_target: bool = True,
+) -> tuple[Table, bool]:
+    """Another file with the recipe's columns and class encoding (eval/predict `--data`).
+    Returns the table and whether it had targets (predict accepts files without them)."""
+    frame = load_source(source, cfg, key="--data")
+    x = _features(frame, feature_names, cfg.model_copy(update={"source": source}))
+    if cfg.target not in frame.column_names and not require_target:
+        return Table(x, torch.zeros(len(x), dtype=torch.int64)), False
+    y_raw = _column(frame, cfg.target, source)
+    if cfg.task == "regression":
+        return Table(x, torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))), True
+    _, y, keep = _encode_targets(y_raw, cfg, None, classes)
+    return Table(x[keep], y), True

@@ -1,0 +1,158 @@
+"""`dist-train report SWEEP_DIR`: the sweep's metric against each searched parameter.
+
+One panel per parameter (log x axis for log_uniform params such as the learning rate, category
+positions for choice/grid values that are not numbers); the best trial is starred, unfinished
+trials are hollow. Written as SWEEP_DIR/sweep.png and a self-contained SWEEP_DIR/report.html with
+the leaderboard. The numbers come from the trial directories (sweep.collect), so a report taken
+while the sweep runs shows the trials evaluated so far.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import pathlib
+from typing import Any
+
+from dist_train.errors import UserError
+from dist_train.sweep import plan as sweep
+
+DPI = 110
+FIGURE = "sweep.png"
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;"
+    "color:#222}table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border:1px solid #ccc;"
+    "padding:.3em .7em}th{background:#f3f3f3;text-align:left}tr.best{background:#fff6d5}"
+    "code{background:#f6f6f6;padding:0 .2em}img{max-width:100%;height:auto}"
+)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_sweep(plan: dict, rows: list[dict], path: pathlib.Path) -> bool:
+    """Metric vs each parameter, one panel each; False (nothing written) without any metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric, params = plan["metric"], list(plan["params"])
+    scored = [r for r in rows if _number(r.get(metric))]
+    if not scored or not params:
+        return False
+    best = sweep.ranked(plan, scored)[0]
+    cols = min(3, len(params))
+    nrows = math.ceil(len(params) / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.9 * nrows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, key in zip(axes, params, strict=False):
+        kind = next(iter(plan["params"][key]), "")
+        values = [r.get(key) for r in scored]
+        numeric = all(_number(v) for v in values)
+        if numeric:
+            xs = values
+        else:  # choice/grid of strings, lists, mappings: one position per distinct value
+            labels = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in values))
+            xs = [labels.index(json.dumps(v, sort_keys=True)) for v in values]
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        done = [r["status"] == "finished" for r in scored]
+        ys = [r[metric] for r in scored]
+        for flag, face in ((True, "tab:blue"), (False, "none")):
+            pick = [i for i, d in enumerate(done) if d is flag]
+            ax.scatter(
+                [xs[i] for i in pick],
+                [ys[i] for i in pick],
+                s=36,
+                facecolors=face,
+                edgecolors="tab:blue",
+                label="finished" if flag else "not finished",
+            )
+        i = scored.index(best)
+        ax.scatter(
+            [xs[i]],
+            [ys[i]],
+            marker="*",
+            s=260,
+            color="tab:orange",
+            zorder=3,
+            label=f"best ({best['trial']})",
+        )
+        if numeric and kind == "log_uniform" and all(v > 0 for v in xs):
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: readable
+        if numeric and kind in ("log_uniform", "uniform", "int_uniform"):
+            lo, hi = plan["params"][key][kind]  # the whole search range, not just the draws
+            if kind == "log_uniform":
+                pad = (hi / lo) ** 0.03
+                ax.set_xlim(lo / pad, hi * pad)
+            else:
+                pad = (hi - lo) * 0.03
+                ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlabel(f"{key} ({kind})")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(params) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    arrow = "higher" if plan["direction"] == "max" else "lower"
+    fig.suptitle(f"sweep {plan.get('name', '')}: {metric} per trial ({arrow} is better)")
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return True
+
+
+def _table(plan: dict, rows: list[dict]) -> str:
+    metric = plan["metric"]
+    ordered = sweep.ranked(plan, rows)
+    cols = ["rank", *rows[0]] if rows else ["rank"]
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}" for c in cols)
+    body = []
+    for i, row in enumerate(ordered, 1):
+        rank = str(i) if row[metric] is not None else "–"
+        css = " class='best'" if i == 1 and row[metric] is not None else ""
+        cells = [rank, *(sweep._cell(v) for v in row.values())]
+        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}" for c in cells))
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def write_sweep_report(
+    sweep_dir: pathlib.Path, out_dir: pathlib.Path | None = None
+) -> pathlib.Path:
+    """Write sweep.png and report.html for a sweep directory; return the HTML path."""
+    sweep_dir = pathlib.Path(sweep_dir)
+    plan, rows = sweep.collect(sweep_dir)
+    out = pathlib.Path(out_dir) if out_dir is not None else sweep_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the output directory ({exc.strerror}).") from exc
+    png = out / FIGURE
+    drawn = plot_sweep(plan, rows, png)
+    done = sum(r["status"] == "finished" for r in rows)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>dist-train sweep report: {html.escape(str(plan.get('name', '')))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Sweep {html.escape(str(plan.get('name', '')))}</h1>",
+        f"<p><code>{html.escape(str(sweep_dir))}</code>: {done}/{len(rows)} trials finished; "
+        f"metric <code>{html.escape(plan['metric'])}</code> ({plan['direction']}), sweep seed "
+        f"{plan.get('seed')}. Trial recipes: <code>trial-NNN/recipe.yaml</code>; the best one "
+        f"is copied to <code>{sweep.BEST_FILE}</code>. Epochs count from 1.</p>",
+        "<h2>Leaderboard</h2>",
+        _table(plan, rows),
+    ]
+    if drawn:
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        parts.append(
+            f"<h2>Metric vs parameters</h2><img alt='sweep' src='data:image/png;base64,{data}'>"
+        )
+    else:
+        parts.append("<p>No trial has logged the metric yet; nothing to plot.</p>")
+    parts.append("</body></html>\n")
+    report = out / "report.html"
+    report.write_text("\n".join(parts), encoding="utf-8")
+    return report
