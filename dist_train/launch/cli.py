@@ -9,13 +9,14 @@ second on the login node instead of after hours in the queue. No torch import.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 
+from dist_train.config.cli import add_recipe_args
 from dist_train.errors import UserError
 from dist_train.launch import slurm
+from dist_train.run.rundir import timestamped_run_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sbatch. The job checkpoints on SIGUSR1 (sent --grace seconds before --time), "
         "requeues itself and resumes into the same run directory.",
     )
-    p.add_argument("recipe", help="path of the recipe YAML")
-    p.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to delete")
+    add_recipe_args(p)
+    add_slurm_args(p)
+    p.add_argument("-o", "--output-dir", help="run directory (default runs/<name>/<timestamp>)")
+    p.add_argument("--dry-run", action="store_true", help="write and print the script only")
+    p.set_defaults(func=cmd_submit)
+
+
+def add_slurm_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The resource flags of `submit`, shared by `sweep --slurm` (per trial there)."""
     p.add_argument("--nodes", type=int, help="nodes (default: recipe slurm.nodes, else 1)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node, one process each; 0 = CPU")
     p.add_argument("--processes", type=int, help="--kind cpu: processes (gloo ranks)")
@@ -49,13 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="OPTION",
         help="extra sbatch option, repeatable, e.g. --sbatch=--account=abc",
     )
-    p.add_argument("-o", "--output-dir", help="run directory (default runs/<name>/<timestamp>)")
-    p.add_argument("--dry-run", action="store_true", help="write and print the script only")
-    p.set_defaults(func=cmd_submit)
 
 
-def _settings(args: argparse.Namespace, recipe) -> dict:
-    """Flag, else recipe `slurm:`, else the SlurmConfig default."""
+def slurm_settings(args: argparse.Namespace, recipe) -> dict:
+    """Flag, else recipe `slurm:`, else the SlurmConfig default; plus the template `kind`."""
     from dist_train.config.schema import SlurmConfig
 
     base = recipe.slurm or SlurmConfig()
@@ -81,14 +86,38 @@ def _settings(args: argparse.Namespace, recipe) -> dict:
     return s
 
 
-def _run_dir(output_dir: str | None, name: str) -> Path:
-    if output_dir:
-        return Path(output_dir).absolute()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir, n = Path("runs") / name / stamp, 1
-    while run_dir.exists():
-        run_dir, n = Path("runs") / name / f"{stamp}-{n}", n + 1
-    return run_dir.absolute()
+def preflight(settings: dict, recipes: list, run_dir: Path) -> None:
+    """`slurm.preflight` for every recipe the job will train (a sweep: each trial's batch), as
+    a UserError: exit 2 on the login node, nothing written, nothing queued."""
+    s = settings
+    try:
+        for recipe in recipes:
+            slurm.preflight(
+                s["kind"],
+                nodes=s["nodes"],
+                gpus_per_node=s["gpus_per_node"],
+                num_processes=s["num_processes"],
+                time=s["time"],
+                grace_s=s["grace_s"],
+                global_batch=recipe.train.batch_size,
+                grad_accum=recipe.train.grad_accum,
+                run_dir=run_dir,
+            )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def submit_script(text: str, run_dir: Path, dry_run: bool, name: str = "job.sbatch") -> str:
+    """Write run_dir/name and sbatch it (the job id), or with --dry-run print it (returns "")."""
+    try:
+        job = slurm.submit(text, run_dir, dry_run=dry_run, name=name)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UserError(str(err)) from None
+    if dry_run:
+        script = run_dir / name
+        print(text, end="")
+        print(f"wrote {script} (not queued; submit it with `sbatch {script}`)", file=sys.stderr)
+    return job
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -109,24 +138,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dist_train.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # UserError: exit 2, nothing queued
-    s = _settings(args, recipe)
-    run_dir = _run_dir(args.output_dir, recipe.name)
-    kind = s.pop("kind")
-    try:
-        slurm.preflight(
-            kind,
-            nodes=s["nodes"],
-            gpus_per_node=s["gpus_per_node"],
-            num_processes=s["num_processes"],
-            time=s["time"],
-            grace_s=s["grace_s"],
-            global_batch=recipe.train.batch_size,
-            grad_accum=recipe.train.grad_accum,
-            run_dir=run_dir,
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    s = slurm_settings(args, recipe)
+    run_dir = Path(args.output_dir or timestamped_run_dir(recipe.name)).absolute()
+    preflight(s, [recipe], run_dir)
     _check_run_dir(run_dir)
+    kind = s.pop("kind")
     if kind != "cpu" and s["num_processes"] is not None:
         s["num_processes"] = None  # one process per GPU; preflight checked it matches
     text = slurm.render_sbatch(
@@ -138,15 +154,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         python=sys.executable,  # the interpreter (venv) that runs this command
         **s,
     )
-    try:
-        job = slurm.submit(text, run_dir, dry_run=args.dry_run)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise UserError(str(err)) from None
-    script = run_dir / "job.sbatch"
+    job = submit_script(text, run_dir, args.dry_run)
     if args.dry_run:
-        print(text, end="")
-        print(f"wrote {script} (not queued; submit it with `sbatch {script}`)", file=sys.stderr)
         return 0
+    script = run_dir / "job.sbatch"
     print(f"submitted job {job}: {recipe.name} ({kind}) into {run_dir}")
     print(f"  follow the log:  tail -f {run_dir}/slurm-{job}.out")
     print(f"  queue / cancel:  squeue -j {job}   scancel {job}")

@@ -5,8 +5,8 @@ The templates are package data in `dist_train/launch/templates/` (the repository
 DIST_TRAIN_SLURM_TEMPLATES); their placeholders are `@{name}` so that bash's own `${...}`
 stays readable. `slurm/common.sh` is pasted into every script:
 it holds the preemption glue (USR1/TERM forwarding, requeue on exit 75 or on
-the file named by $DIST_TRAIN_REQUEUE_FILE). Stdlib only: importing this
-module must not import torch (the CLI imports it just to print a script).
+the file named by $DIST_TRAIN_REQUEUE_FILE). No torch import: the CLI imports this module
+just to print a script.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import string
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+
+from dist_train.config.base import batch_split_error
+from dist_train.errors import UserError
 
 KINDS = ("single_node", "multi_node", "cpu")
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)$")
@@ -44,13 +47,34 @@ def templates_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent / "templates"
 
 
+def read_template(name: str) -> str:
+    """A template's text; a missing file is an installation problem, said as one (exit 2)."""
+    path = templates_dir() / name
+    try:
+        return path.read_text()
+    except OSError as err:
+        where = (
+            "DIST_TRAIN_SLURM_TEMPLATES points there; fix or unset it"
+            if os.environ.get("DIST_TRAIN_SLURM_TEMPLATES")
+            else "the installed dist_train package lacks its package data; reinstall it "
+            "(pip install --force-reinstall dist_train)"
+        )
+        raise UserError(
+            f"slurm template {name} is missing: looked for {path} ({err.strerror}); {where}."
+        ) from None
+
+
 def _fill(name: str, values: dict[str, str]) -> str:
-    """Substitute a template strictly: a missing value is a bug, not a blank."""
-    text = (templates_dir() / name).read_text()
+    """Substitute a template strictly: a placeholder without a value must not become a blank."""
+    text = read_template(name)
     try:
         return _Template(text).substitute(values)
     except KeyError as e:
-        raise KeyError(f"slurm template {name} needs a value for @{{{e.args[0]}}}") from None
+        raise UserError(
+            f"slurm template {templates_dir() / name} has the placeholder @{{{e.args[0]}}}, "
+            f"which dist-train does not fill (it fills {', '.join(sorted(values))}); "
+            "remove it from the template or restore the packaged one."
+        ) from None
 
 
 def _q(value: object) -> str:
@@ -123,22 +147,11 @@ def preflight(
     else:
         world = nodes * gpus_per_node
         flags = f"--nodes {nodes} x --gpus-per-node {gpus_per_node}"
-    _check_batch(global_batch, grad_accum, world, flags)
-
-
-def _check_batch(global_batch: int | None, grad_accum: int, world: int, flags: str) -> None:
-    """The global batch must split evenly over processes and accumulation steps."""
-    if grad_accum < 1:
-        raise ValueError(f"train.grad_accum {grad_accum} must be at least 1; fix the recipe.")
     if global_batch is None:
-        return
-    if global_batch % (world * grad_accum):
-        raise ValueError(
-            f"train.batch_size {global_batch} (global) is not divisible by {world} processes "
-            f"({flags}) x train.grad_accum {grad_accum}; "
-            f"choose a batch size that is a multiple of {world * grad_accum} or change the "
-            f"process count."
-        )
+        global_batch = world * grad_accum  # no batch to check: only grad_accum itself
+    problem = batch_split_error(global_batch, world, grad_accum)
+    if problem:
+        raise ValueError(f"{flags}: {problem}")
 
 
 def time_to_seconds(time: str) -> int:
@@ -228,7 +241,7 @@ def render_sbatch(
         "run_dir": _q(run_dir),
         "port_base": str(port_base),
         "env_block": "\n".join(f"export {k}={_q(v)}" for k, v in (env or {}).items()),
-        "common": (templates_dir() / "common.sh").read_text().rstrip("\n"),
+        "common": read_template("common.sh").rstrip("\n"),
         "recipe": _q(recipe_path),
         "train_cmd": train.rstrip(),
         "python": _join(shlex.split(python)),
@@ -286,7 +299,10 @@ def array_script(
     )
     head, sep, tail = text.partition(_TASK_LINE)
     if not sep:
-        raise KeyError(f"slurm template {kind}.sbatch lacks the line {_TASK_LINE.strip()!r}")
+        raise UserError(
+            f"slurm template {templates_dir() / kind}.sbatch lacks the line "
+            f"{_TASK_LINE.strip()!r} that job arrays need; restore the packaged template."
+        )
     return head + sep + pick + tail
 
 
@@ -300,16 +316,21 @@ def _ranges(ids: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def submit(script_text: str, run_dir: str | os.PathLike[str], dry_run: bool = False) -> str:
-    """Write run_dir/job.sbatch and queue it with `sbatch --parsable`; return the job id.
+def submit(
+    script_text: str,
+    run_dir: str | os.PathLike[str],
+    dry_run: bool = False,
+    name: str = "job.sbatch",
+) -> str:
+    """Write run_dir/<name> and queue it with `sbatch --parsable`; return the job id.
 
-    The script is kept in the run dir so a requeued or resubmitted run is
-    reproducible and `cat run_dir/job.sbatch` shows what ran. dry_run writes
-    the file and returns "" without calling sbatch.
+    The one sbatch submitter (`submit` writes job.sbatch, `sweep --slurm` sweep.sbatch). The
+    script is kept in the run dir so a requeued or resubmitted run is reproducible and `cat`
+    shows what ran. dry_run writes the file and returns "" without calling sbatch.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # #SBATCH --output needs it to exist
-    path = run_dir / "job.sbatch"
+    path = run_dir / name
     path.write_text(script_text)
     path.chmod(0o755)
     if dry_run:
@@ -317,9 +338,8 @@ def submit(script_text: str, run_dir: str | os.PathLike[str], dry_run: bool = Fa
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise FileNotFoundError(
-            "sbatch is not on PATH: `dist-train submit` must run on a SLURM login node "
-            f"(the script was written to {path}; submit it there with `sbatch {path}`, "
-            "or pass --dry-run to only write it)."
+            "sbatch is not on PATH: submit from a SLURM login node (the script was written to "
+            f"{path}; submit it there with `sbatch {path}`, or pass --dry-run to only write it)."
         )
     proc = subprocess.run(
         [sbatch, "--parsable", str(path)], capture_output=True, text=True, check=False

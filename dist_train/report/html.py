@@ -4,14 +4,13 @@ A run directory holds ``metrics.jsonl`` (one JSON object per line, written by th
 ``recipe.yaml`` (its ``name:`` labels the run) and optionally ``run.json`` (``monitor``/``mode``
 select the best evaluation; default: lowest ``valid/loss``).
 
-Public API: :func:`load_run`, :func:`write_report`, :func:`main`. Plotting lives in
-:mod:`dist_train.report.plots`; matplotlib is imported only when figures are drawn, so importing
-this module stays cheap.
+Public API: :func:`load_run`, :func:`write_report`; the subcommand is in
+:mod:`dist_train.report.cli`, plotting in :mod:`dist_train.report.plots` (matplotlib is imported
+only when figures are drawn, so importing this module stays cheap).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -322,32 +321,3 @@ def write_report(run_dirs: list[pathlib.Path], out_dir: pathlib.Path | None = No
     report = out / "report.html"
     report.write_text(_render_html(runs, figures), encoding="utf-8")
     return report
-
-
-def main(argv: list[str]) -> int:
-    """``dist-train report RUN_DIR [RUN_DIR ...] [-o OUT_DIR]``; UserError propagates to the CLI."""
-    parser = argparse.ArgumentParser(
-        prog="dist-train report",
-        description="Plot loss, metrics, learning rate, throughput and confusion matrix of one or "
-        "more runs and write a self-contained report.html (opens offline).",
-    )
-    parser.add_argument(
-        "run_dirs",
-        nargs="+",
-        type=pathlib.Path,
-        metavar="RUN_DIR",
-        help="run directory holding metrics.jsonl (several: overlaid)",
-    )
-    parser.add_argument(
-        "-o",
-        "--out-dir",
-        type=pathlib.Path,
-        default=None,
-        metavar="OUT_DIR",
-        help="where to write PNGs and report.html (default: the run dir, or "
-        "<parent of the first run>/report for several runs)",
-    )
-    args = parser.parse_args(argv)
-    report = write_report(args.run_dirs, args.out_dir)
-    print(f"report: {report}")
-    return 0

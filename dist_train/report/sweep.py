@@ -114,7 +114,7 @@ def _table(plan: dict, rows: list[dict]) -> str:
     for i, row in enumerate(ordered, 1):
         rank = str(i) if row[metric] is not None else "–"
         css = " class='best'" if i == 1 and row[metric] is not None else ""
-        cells = [rank, *(sweep._cell(v) for v in row.values())]
+        cells = [rank, *(sweep.cell(v) for v in row.values())]
         body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}" for c in cells))
     return f"<table>{head}{''.join(body)}</table>"
 

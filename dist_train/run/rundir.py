@@ -125,3 +125,14 @@ def clear_for_new_run(run_dir: Path) -> None:
     for item in ("metrics.jsonl", "model.safetensors", "run.json"):
         (run_dir / item).unlink(missing_ok=True)
     shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+
+
+def timestamped_run_dir(name: str, root: str | Path = "runs") -> Path:
+    """The default run directory `root/<name>/<YYYYmmdd-HHMMSS>` (relative, as given), with
+    `-1`, `-2`, ... appended when it exists already (two runs started in the same second).
+    One definition for `train` and `submit`, so both name the runs of a recipe alike."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, n = Path(root) / name / stamp, 1
+    while run_dir.exists():
+        run_dir, n = Path(root) / name / f"{stamp}-{n}", n + 1
+    return run_dir

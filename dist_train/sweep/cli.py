@@ -25,8 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from dist_train.config.base import batch_split_error
+from dist_train.config.cli import add_recipe_args
 from dist_train.errors import UserError
 from dist_train.launch import slurm
+from dist_train.launch.cli import add_slurm_args, preflight, slurm_settings, submit_script
 from dist_train.sweep import plan as sweep
 
 LAUNCHERS = ("none", "torchrun", "accelerate")
@@ -40,8 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "them (K at a time, or as a SLURM job array), rank the results",
         description=__doc__.split("\n\n")[1],
     )
-    p.add_argument("recipe", nargs="?", help="recipe YAML with a sweep: section")
-    p.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to delete")
+    add_recipe_args(p, optional=True)  # optional: `--collect -o DIR` needs none
     p.add_argument("-o", "--output-dir", required=True, help="sweep directory (trial-NNN/ inside)")
     p.add_argument("--parallel", type=int, default=1, metavar="K", help="trials at once (local)")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="processes per trial")
@@ -63,26 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="launch nothing: write results.csv and best.yaml from the trial "
         "directories and print the leaderboard (e.g. after a --slurm sweep)",
     )
-    g = p.add_argument_group("SLURM (one job array, flags as in `dist-train submit`)")
+    g = p.add_argument_group(
+        "SLURM (one job array; the resource flags of `dist-train submit`, per trial)"
+    )
     g.add_argument("--slurm", action="store_true", help="submit the trials as one sbatch array")
     g.add_argument("--max-concurrent", type=int, metavar="K", help="array tasks at once (%%K)")
-    g.add_argument("--nodes", type=int, help="nodes per trial")
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node, one process each; 0 = CPU")
-    g.add_argument("--processes", type=int, help="--kind cpu: processes per trial (--nproc)")
-    g.add_argument("--kind", choices=slurm.KINDS, help="template (default: from the GPUs)")
-    g.add_argument("--time", help="time limit per trial, HH:MM:SS (default 01:00:00)")
-    g.add_argument("--partition", help="SLURM partition")
-    g.add_argument("--grace", type=int, help="seconds before --time to checkpoint")
-    g.add_argument("--cpus-per-task", type=int, help="CPUs per trial (sbatch --cpus-per-task)")
-    g.add_argument("--ifname", help="network interface for NCCL/gloo (multi-node)")
-    g.add_argument("--rdzv-timeout", type=int, help="multi-node rendezvous timeout, seconds")
-    g.add_argument(
-        "--sbatch",
-        action="append",
-        default=[],
-        metavar="OPTION",
-        help="extra sbatch option, repeatable",
-    )
+    add_slurm_args(g)
     g.add_argument("--dry-run", action="store_true", help="write sweep.sbatch, do not submit")
     p.set_defaults(func=cmd_sweep)
 
@@ -126,12 +114,9 @@ def _check_local_flags(args: argparse.Namespace) -> str:
 
 def _check_batches(trials: list[sweep.Trial], world: int) -> None:
     for t in trials:
-        b, accum = t.recipe.train.batch_size, t.recipe.train.grad_accum
-        if b % (world * accum):
-            raise UserError(
-                f"sweep {t.name}: train.batch_size {b} (global) is not divisible by {world} "
-                f"processes x train.grad_accum {accum}; change the batch size or --nproc."
-            )
+        problem = batch_split_error(t.recipe.train.batch_size, world, t.recipe.train.grad_accum)
+        if problem:
+            raise UserError(f"sweep {t.name} with --nproc {world}: {problem}")
 
 
 def _report(sweep_dir: Path, final: bool) -> int:
@@ -298,7 +283,7 @@ def _start(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     _log_launch(trial_dir, event="start", pid=proc.pid, port=port, command=cmd)
-    shown = ", ".join(f"{k}={sweep._cell(v)}" for k, v in trial.values.items())
+    shown = ", ".join(f"{k}={sweep.cell(v)}" for k, v in trial.values.items())
     where = f"{launcher} x{nproc}, port {port}" if port else "1 process"
     print(
         f"[sweep] {trial.name} started ({shown}) on {where}; log {trial_dir}/train.log", flush=True
@@ -349,28 +334,12 @@ def _signal(proc: subprocess.Popen, sig: int, group: bool = False) -> None:
 def _submit_array(
     args: argparse.Namespace, recipe, trials: list[sweep.Trial], sweep_dir: Path
 ) -> int:
-    from dist_train.launch.cli import _settings
-
     sweep_dir = sweep_dir.absolute()
-    s = _settings(args, recipe)
-    kind = s.pop("kind")
-    if kind == "cpu" and s["num_processes"] is None:
+    s = slurm_settings(args, recipe)
+    if s["kind"] == "cpu" and s["num_processes"] is None:
         s["num_processes"] = args.nproc
-    try:
-        for t in trials:
-            slurm.preflight(
-                kind,
-                nodes=s["nodes"],
-                gpus_per_node=s["gpus_per_node"],
-                num_processes=s["num_processes"],
-                time=s["time"],
-                grace_s=s["grace_s"],
-                global_batch=t.recipe.train.batch_size,
-                grad_accum=t.recipe.train.grad_accum,
-                run_dir=sweep_dir,
-            )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    preflight(s, [t.recipe for t in trials], sweep_dir)
+    kind = s.pop("kind")
     if kind != "cpu":
         s["num_processes"] = None  # one process per GPU
     todo = [t.index for t in trials if sweep.trial_status(sweep_dir / t.name) != "finished"]
@@ -388,14 +357,9 @@ def _submit_array(
         task_ids=todo,
         **s,
     )
-    script = sweep_dir / "sweep.sbatch"
-    script.write_text(text)
-    script.chmod(0o755)
+    job = submit_script(text, sweep_dir, args.dry_run, name="sweep.sbatch")
     if args.dry_run:
-        print(text, end="")
-        print(f"wrote {script} (not queued; submit it with `sbatch {script}`)", file=sys.stderr)
         return 0
-    job = _sbatch(script)
     with open(sweep_dir / "slurm-jobs.txt", "a") as f:
         f.write(f"{job}\n")
     print(
@@ -430,18 +394,3 @@ def _refuse_if_queued(sweep_dir: Path) -> None:
             f"-o {sweep_dir}: job array {jobs[-1]} of this sweep is still queued or running; "
             f"wait for it (squeue -j {jobs[-1]}) or cancel it (scancel {jobs[-1]}) first."
         )
-
-
-def _sbatch(script: Path) -> str:
-    try:
-        proc = subprocess.run(
-            ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False
-        )
-    except FileNotFoundError:
-        raise UserError(
-            f"sbatch is not on PATH: run `dist-train sweep --slurm` on a SLURM login node (the "
-            f"script was written to {script}; submit it there with `sbatch {script}`)."
-        ) from None
-    if proc.returncode != 0:
-        raise UserError(f"sbatch rejected {script} (exit {proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout.strip().split(";")[0]

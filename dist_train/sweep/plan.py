@@ -384,7 +384,7 @@ def results_csv(plan: dict, rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -399,7 +399,7 @@ def leaderboard(plan: dict, rows: list[dict]) -> str:
     columns = ["rank", *rows[0].keys()] if rows else ["rank", "trial"]
     table = [columns]
     for i, row in enumerate(ranked(plan, rows), 1):
-        table.append([str(i) if row[metric] is not None else "-", *map(_cell, row.values())])
+        table.append([str(i) if row[metric] is not None else "-", *map(cell, row.values())])
     widths = [max(len(r[c]) for r in table) for c in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     done = sum(r["status"] == "finished" for r in rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -74,6 +75,8 @@ def at(path: str, value) -> Callable[[dict], None]:
 
 
 _DELETE = object()
+# A sentence ending twice ("fix it.."), not an ellipsis ("...") or a relative path ("../x").
+DOUBLED_PERIOD = re.compile(r"(?<!\.)\.\.(?![./])")
 
 
 def append_layer(layer) -> Callable[[dict], None]:
@@ -366,6 +369,7 @@ def test_error_case(case, tmp_path, monkeypatch, capsys):
     for want in case.expect:
         assert want in err, f"{want!r} missing from:\n{err}"
     assert "Traceback" not in err
+    assert not DOUBLED_PERIOD.search(err), f"doubled period in:\n{err}"
 
 
 def _first_line(message: str) -> str:

@@ -202,6 +202,8 @@ def test_empty_or_corrupt_metrics_is_user_error(tmp_path, content):
 
 def test_main(two_runs, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert report.main([str(p) for p in two_runs] + ["-o", str(out)]) == 0
+    from dist_train.cli import main
+
+    assert main(["report", *map(str, two_runs), "-o", str(out)]) == 0
     assert (out / "report.html").is_file()
     assert "report.html" in capsys.readouterr().out
