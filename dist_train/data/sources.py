@@ -15,6 +15,7 @@ import torch
 
 from dist_train.config.schema import DataConfig
 from dist_train.errors import UserError
+from dist_train.numbers import parses_as_number
 
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 FILE_KINDS = ("csv", "parquet", "json")
@@ -182,7 +183,7 @@ def _column(frame, name: str, source: str, copy: bool = True) -> np.ndarray:
     if (
         col.dtype == object
         and any(v is None for v in col)
-        and all(v is None or _is_number(v) for v in col)
+        and all(v is None or parses_as_number(v) for v in col)
     ):
         # Empty cells arrive as None (an object array): numbers with NaN, so the missing-value
         # checks name the row instead of calling the column non-numeric or None a class.
@@ -209,7 +210,7 @@ def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
     for j, name in enumerate(names):
         col = _column(frame, name, cfg.source, copy=False)
         if not np.issubdtype(col.dtype, np.number) and col.dtype != bool:
-            bad = next((i for i, v in enumerate(col) if not _is_number(v)), 0)
+            bad = next((i for i, v in enumerate(col) if not parses_as_number(v)), 0)
             value = col[bad].item() if isinstance(col[bad], np.generic) else col[bad]
             raise UserError(
                 f"data.features: column `{name}` is not numeric (row {bad}: "
@@ -232,14 +233,6 @@ def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
             )
         x = x.reshape(-1, *cfg.shape)
     return x
-
-
-def _is_number(v) -> bool:
-    try:
-        float(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):

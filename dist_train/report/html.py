@@ -11,17 +11,17 @@ only when figures are drawn, so importing this module stays cheap).
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import logging
-import math
 import pathlib
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from dist_train.config.base import better, default_mode
 from dist_train.errors import UserError
+from dist_train.numbers import is_metric_value
+from dist_train.report import page
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,8 @@ METRICS_FILE = "metrics.jsonl"
 TRAIN_LOSS = "train/loss"
 VALID_PREFIX = "valid/"
 CONFUSION_KEY = "valid/confusion_matrix"
-DEFAULT_MONITOR, DEFAULT_MODE = "valid/loss", "min"
-# Metric names containing one of these words are "lower is better"; everything else is "higher".
-_LOWER_IS_BETTER = {"loss", "error", "err", "perplexity", "ppl", "mae", "mse", "rmse", "wer", "cer"}
+DEFAULT_MONITOR = "valid/loss"
+DEFAULT_MODE = default_mode(DEFAULT_MONITOR)
 # Figure file name -> section title in the HTML, in display order.
 FIGURES = {
     "loss.png": "Loss (train vs. validation)",
@@ -59,24 +58,24 @@ class Run:
     def scalar_metrics(self) -> list[str]:
         """``valid/*`` keys holding numbers, ``valid/loss`` first then alphabetical."""
         keys = {k for r in self.evals for k, v in r.items() if k.startswith(VALID_PREFIX)}
-        keys = {k for k in keys if any(_is_number(r.get(k)) for r in self.evals)}
+        keys = {k for k in keys if any(is_metric_value(r.get(k)) for r in self.evals)}
         keys = {k for k in keys if not k.endswith("/rows")}  # a row count, not a metric
         return sorted(keys, key=lambda k: (k != DEFAULT_MONITOR, k))
 
     def metric_mode(self, key: str) -> str:
-        """``"min"`` or ``"max"``: the run's mode for its monitor, else guessed from the name."""
-        if key == self.monitor:
-            return self.mode
-        words = set(re.split(r"[^a-z0-9]+", key.split("/", 1)[-1].lower()))
-        return "min" if words & _LOWER_IS_BETTER or "loss" in key else "max"
+        """``"min"`` or ``"max"``: the run's mode for its monitor, else the trainer's default
+        for that metric name (the rule that picks the best checkpoint)."""
+        return self.mode if key == self.monitor else default_mode(key)
 
     def best_of(self, key: str) -> dict[str, Any] | None:
         """The eval record with the best value of ``key`` (earliest on ties), or None."""
-        rows = [r for r in self.evals if _is_number(r.get(key))]
-        if not rows:
-            return None
-        pick = min if self.metric_mode(key) == "min" else max
-        return pick(rows, key=lambda r: r[key])
+        best, mode = None, self.metric_mode(key)
+        for r in self.evals:
+            if is_metric_value(r.get(key)) and better(
+                r[key], None if best is None else best[key], mode
+            ):
+                best = r
+        return best
 
     @property
     def best_eval(self) -> dict[str, Any] | None:
@@ -85,17 +84,13 @@ class Run:
 
     @property
     def num_epochs(self) -> int:
-        epochs = [r["epoch"] for r in self.train + self.evals if _is_number(r.get("epoch"))]
+        epochs = [r["epoch"] for r in self.train + self.evals if is_metric_value(r.get("epoch"))]
         return int(max(epochs)) if epochs else 0
 
     @property
     def num_steps(self) -> int:
         steps = [r["step"] for r in self.train + self.evals]
         return int(max(steps)) if steps else 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_metrics(path: pathlib.Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -119,7 +114,7 @@ def _read_metrics(path: pathlib.Path) -> tuple[list[dict[str, Any]], list[str]]:
                 f"{path}:{lineno}: not valid JSON ({exc.msg}). Fix or delete that line; "
                 "every line must be one JSON object written by the trainer."
             ) from exc
-        if not isinstance(record, dict) or not _is_number(record.get("step")):
+        if not isinstance(record, dict) or not is_metric_value(record.get("step")):
             raise UserError(
                 f"{path}:{lineno}: expected a JSON object with a numeric 'step', got {line[:80]!r}."
             )
@@ -174,8 +169,10 @@ def load_run(run_dir: pathlib.Path) -> Run:
         )
         raise UserError(f"{run_dir}: no {METRICS_FILE}; not a run directory.{hint}")
     records, notes = _read_metrics(metrics)
-    # The trainer logs 0-based epochs; people (and its console: "epoch 1 valid") count from 1.
-    records = [{**r, "epoch": r["epoch"] + 1} if _is_number(r.get("epoch")) else r for r in records]
+    records = [  # from here on, epochs as shown (page.EPOCH_NOTE)
+        {**r, "epoch": page.shown_epoch(r["epoch"])} if is_metric_value(r.get("epoch")) else r
+        for r in records
+    ]
     train = _dedup_by_step([r for r in records if r.get("event") == "train"])
     evals = _dedup_by_step([r for r in records if r.get("event") == "eval"])
     if not train and not evals:
@@ -208,21 +205,11 @@ def _assign_labels(runs: list[Run]) -> None:
 
 
 def _fmt(value: Any) -> str:
-    if not _is_number(value):
+    if not is_metric_value(value):
         return "–"
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
-max-width:1500px;padding:0 1em;color:#222}
-h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border:1px solid #ccc;padding:.3em .7em}
-th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-code{background:#f6f6f6;padding:0 .2em}.note{color:#a15c00}img{max-width:100%;height:auto}
-"""
 
 
 def _overview_table(runs: list[Run]) -> str:
@@ -248,7 +235,7 @@ def _run_table(run: Run) -> str:
     """Per-run table: final and best value of every scalar metric, and the epoch of the best."""
     rows = []
     last_train = run.train[-1].get(TRAIN_LOSS) if run.train else None
-    if _is_number(last_train):
+    if is_metric_value(last_train):
         rows.append(f'<tr><td>{TRAIN_LOSS} (last logged)<td class="num">{_fmt(last_train)}<td><td>')
     final = run.evals[-1] if run.evals else {}
     for key in run.scalar_metrics:
@@ -265,15 +252,9 @@ def _run_table(run: Run) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _render_html(runs: list[Run], figures: list[pathlib.Path]) -> str:
+def _page_parts(runs: list[Run], figures: list[pathlib.Path]) -> list[str]:
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>dist-train report: {html.escape(', '.join(r.label for r in runs))}</title>",
-        f"<style>{_CSS}</style></head><body><h1>Training report</h1>",
-        (
-            "<p>★ = monitored metric (selects the best evaluation); ↓ lower / ↑ higher is "
-            "better. Epochs are numbered from 0, as in <code>metrics.jsonl</code>.</p>"
-        ),
+        "<p>★ = monitored metric (selects the best evaluation); ↓ lower / ↑ higher is better.</p>",
         "<h2>Runs</h2>",
         _overview_table(runs),
     ]
@@ -281,12 +262,8 @@ def _render_html(runs: list[Run], figures: list[pathlib.Path]) -> str:
         parts.append(f"<h3>{html.escape(run.label)}</h3>")
         parts.extend(f"<p class='note'>⚠ {html.escape(n)}</p>" for n in run.notes)
         parts.append(_run_table(run))
-    for png in figures:
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        title = html.escape(FIGURES.get(png.name, png.stem))
-        parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    parts.extend(page.png(p, FIGURES.get(p.name, p.stem)) for p in figures)
+    return parts
 
 
 def _default_out_dir(run_dirs: list[pathlib.Path]) -> pathlib.Path:
@@ -318,6 +295,7 @@ def write_report(run_dirs: list[pathlib.Path], out_dir: pathlib.Path | None = No
     except OSError as exc:
         raise UserError(f"{out}: cannot create the output directory ({exc.strerror}).") from exc
     figures = plots.plot_all(runs, out)
-    report = out / "report.html"
-    report.write_text(_render_html(runs, figures), encoding="utf-8")
-    return report
+    title = f"dist-train report: {', '.join(r.label for r in runs)}"
+    return page.write_page(
+        out / "report.html", title, "Training report", _page_parts(runs, figures)
+    )

@@ -11,6 +11,8 @@ import math
 import pathlib
 from typing import TYPE_CHECKING, Any
 
+from dist_train.numbers import is_metric_value
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -72,12 +74,10 @@ def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 
 
 def _series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list, list]:
-    pairs = [(r[x], r[key]) for r in rows if _num(r.get(key)) and _num(r.get(x))]
+    pairs = [
+        (r[x], r[key]) for r in rows if is_metric_value(r.get(key)) and is_metric_value(r.get(x))
+    ]
     return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def _num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _smooth(xs: list, ys: list, median: bool = False) -> tuple[Any, Any] | None:
@@ -134,7 +134,7 @@ def _run_legend(fig: Figure, runs: list[Run], extra: list | None = None, suffix=
 def _epoch_means(run: Run, key: str) -> tuple[list, list]:
     by_epoch: dict[int, list[float]] = {}
     for r in run.train:
-        if _num(r.get(key)) and _num(r.get("epoch")):
+        if is_metric_value(r.get(key)) and is_metric_value(r.get("epoch")):
             by_epoch.setdefault(int(r["epoch"]), []).append(r[key])
     epochs = sorted(by_epoch)
     return epochs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
@@ -169,7 +169,7 @@ def _loss_per_epoch(ax: Axes, run: Run, colour: str) -> list[float]:
     ve, vy = _series(run.evals, VALID_LOSS, x="epoch")
     ax.plot(ve, vy, color=colour, lw=1.8, ls="--", marker="o", ms=5)
     best = run.best_of(VALID_LOSS)
-    if best and _num(best.get("epoch")):
+    if best and is_metric_value(best.get("epoch")):
         ax.axvline(best["epoch"], color=colour, ls=":", lw=1.2, alpha=0.8)
         ax.plot(
             best["epoch"],
@@ -233,7 +233,7 @@ def plot_metrics(runs: list[Run], path: pathlib.Path) -> bool:
             xs, ys = _series(run.evals, key, x="epoch")
             ax.plot(xs, ys, color=_colour(i), lw=1.8, marker="o", ms=4)
             best = run.best_of(key)
-            if best and _num(best.get("epoch")):
+            if best and is_metric_value(best.get("epoch")):
                 ax.plot(
                     best["epoch"],
                     best[key],

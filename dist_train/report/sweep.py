@@ -9,28 +9,18 @@ while the sweep runs shows the trials evaluated so far.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
 import pathlib
-from typing import Any
 
 from dist_train.errors import UserError
+from dist_train.numbers import is_metric_value
+from dist_train.report import page
 from dist_train.sweep import plan as sweep
 
 DPI = 110
 FIGURE = "sweep.png"
-_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;"
-    "color:#222}table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border:1px solid #ccc;"
-    "padding:.3em .7em}th{background:#f3f3f3;text-align:left}tr.best{background:#fff6d5}"
-    "code{background:#f6f6f6;padding:0 .2em}img{max-width:100%;height:auto}"
-)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plot_sweep(plan: dict, rows: list[dict], path: pathlib.Path) -> bool:
@@ -39,7 +29,7 @@ def plot_sweep(plan: dict, rows: list[dict], path: pathlib.Path) -> bool:
     from matplotlib.figure import Figure
 
     metric, params = plan["metric"], list(plan["params"])
-    scored = [r for r in rows if _number(r.get(metric))]
+    scored = [r for r in rows if is_metric_value(r.get(metric))]
     if not scored or not params:
         return False
     best = sweep.ranked(plan, scored)[0]
@@ -51,7 +41,7 @@ def plot_sweep(plan: dict, rows: list[dict], path: pathlib.Path) -> bool:
     for ax, key in zip(axes, params, strict=False):
         kind = next(iter(plan["params"][key]), "")
         values = [r.get(key) for r in scored]
-        numeric = all(_number(v) for v in values)
+        numeric = all(is_metric_value(v) for v in values)
         if numeric:
             xs = values
         else:  # choice/grid of strings, lists, mappings: one position per distinct value
@@ -133,26 +123,18 @@ def write_sweep_report(
     png = out / FIGURE
     drawn = plot_sweep(plan, rows, png)
     done = sum(r["status"] == "finished" for r in rows)
+    name = str(plan.get("name", ""))
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>dist-train sweep report: {html.escape(str(plan.get('name', '')))}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Sweep {html.escape(str(plan.get('name', '')))}</h1>",
         f"<p><code>{html.escape(str(sweep_dir))}</code>: {done}/{len(rows)} trials finished; "
         f"metric <code>{html.escape(plan['metric'])}</code> ({plan['direction']}), sweep seed "
         f"{plan.get('seed')}. Trial recipes: <code>trial-NNN/recipe.yaml</code>; the best one "
-        f"is copied to <code>{sweep.BEST_FILE}</code>. Epochs count from 1.</p>",
+        f"is copied to <code>{sweep.BEST_FILE}</code>.</p>",
         "<h2>Leaderboard</h2>",
         _table(plan, rows),
+        page.png(png, "Metric vs parameters")
+        if drawn
+        else "<p>No trial has logged the metric yet; nothing to plot.</p>",
     ]
-    if drawn:
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(
-            f"<h2>Metric vs parameters</h2><img alt='sweep' src='data:image/png;base64,{data}'>"
-        )
-    else:
-        parts.append("<p>No trial has logged the metric yet; nothing to plot.</p>")
-    parts.append("</body></html>\n")
-    report = out / "report.html"
-    report.write_text("\n".join(parts), encoding="utf-8")
-    return report
+    return page.write_page(
+        out / "report.html", f"dist-train sweep report: {name}", f"Sweep {name}", parts
+    )

@@ -30,6 +30,7 @@ from dist_train.config.cli import add_recipe_args
 from dist_train.errors import UserError
 from dist_train.launch import slurm
 from dist_train.launch.cli import add_slurm_args, preflight, slurm_settings, submit_script
+from dist_train.report.page import shown_epoch
 from dist_train.sweep import plan as sweep
 
 LAUNCHERS = ("none", "torchrun", "accelerate")
@@ -300,7 +301,9 @@ def _finished(sweep_dir: Path, r: _Running, cfg) -> None:
     status = sweep.trial_status(trial_dir)
     best = sweep.best_eval(trial_dir, cfg.metric, cfg.direction)
     score = (
-        f": best {cfg.metric} {best[cfg.metric]:.4g} at epoch {best['epoch'] + 1}" if best else ""
+        f": best {cfg.metric} {best[cfg.metric]:.4g} at epoch {shown_epoch(best['epoch'])}"
+        if best
+        else ""
     )
     print(f"[sweep] {r.trial.name} {status} after {took:.1f}s{score}", flush=True)
     if status != "finished":

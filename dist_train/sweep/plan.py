@@ -29,9 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_train.config.base import better
 from dist_train.config.recipe import apply_override, dump_yaml, recipe_hash, resolved, validate
 from dist_train.config.schema import Recipe, SweepConfig
 from dist_train.errors import UserError
+from dist_train.numbers import is_metric_value
+from dist_train.report.page import shown_epoch
 
 PLAN_FILE, RESULTS_FILE, BEST_FILE, LAUNCHES = (
     "sweep.json",
@@ -319,10 +322,10 @@ def best_eval(trial_dir: Path, metric: str, direction: str) -> dict | None:
         except ValueError:
             continue
         v = e.get(metric)
-        if e.get("event") != "eval" or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if e.get("event") != "eval" or not is_metric_value(v):
             continue
-        better = best is None or (v > best[metric] if direction == "max" else v < best[metric])
-        best = e if better else best
+        if better(v, None if best is None else best[metric], direction):
+            best = e
     return best
 
 
@@ -356,7 +359,7 @@ def collect(sweep_dir: Path) -> tuple[dict, list[dict]]:
                 "trial": entry["trial"],
                 **entry["values"],
                 metric: best[metric] if best else None,
-                "best_epoch": best["epoch"] + 1 if best and "epoch" in best else None,
+                "best_epoch": shown_epoch(best["epoch"]) if best and "epoch" in best else None,
                 "best_step": best.get("step") if best else None,
                 "wall_s": wall_seconds(trial_dir),
                 "status": trial_status(trial_dir),
