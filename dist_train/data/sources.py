@@ -7,6 +7,7 @@ whole-batch loaders.
 from __future__ import annotations
 
 import difflib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,26 +98,19 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
                 "(relative paths are from the current directory)."
             )
         try:
-            if kind == "parquet":
-                # A local parquet file is already arrow: pyarrow (the reader `datasets` itself
-                # uses for it) gives the same table directly, without importing `datasets`
-                # (~0.9 s before the first step) or writing a second copy into its cache.
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(loc)
-                # Decoding buffers are freed but kept by arrow's allocator: hand them back to
-                # the OS (~50 MiB per 25 MiB of table here) rather than carry them all run.
-                pa.default_memory_pool().release_unused()
-                return table
-            import datasets
-
-            datasets.disable_progress_bars()
-            return datasets.load_dataset(kind, data_files=loc, split="train")
+            table = _read_file(kind, loc)
         except Exception as err:  # parse errors from pyarrow/pandas carry the useful detail
-            raise UserError(
-                f"{key} `{source}`: cannot parse {loc} as {kind}: {str(err).splitlines()[0][:200]}"
-            ) from None
+            if _no_data_lines(loc, kind):  # datasets words this as an empty "split"
+                table = None
+            else:
+                raise UserError(
+                    f"{key} `{source}`: cannot parse {loc} as {kind}: "
+                    f"{str(err).splitlines()[0][:200]}"
+                ) from None
+        if table is None or table.num_rows == 0:
+            what = "a header but no rows" if kind == "csv" else "no rows"
+            raise UserError(f"{key} `{source}`: {loc} has {what}; add data rows or fix {key}.")
+        return table
     if kind == "disk":
         return _from_disk(loc, cfg.split, f"{key} `{source}`")
     if kind == "imagefolder":
@@ -134,6 +128,35 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
         f"{key} `{source}`: unknown kind `{kind}`.{hint} Use sklearn, csv, "
         "parquet, json, disk, imagefolder or hub."
     )
+
+
+def _read_file(kind: str, loc: str):
+    if kind == "parquet":
+        # A local parquet file is already arrow: pyarrow (the reader `datasets` itself uses for
+        # it) gives the same table directly, without importing `datasets` (~0.9 s before the
+        # first step) or writing a second copy into its cache.
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(loc)
+        # Decoding buffers are freed but kept by arrow's allocator: hand them back to the OS
+        # (~50 MiB per 25 MiB of table here) rather than carry them all run.
+        pa.default_memory_pool().release_unused()
+        return table
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(kind, data_files=loc, split="train")
+
+
+def _no_data_lines(loc: str, kind: str) -> bool:
+    """Whether a csv holds at most its header line, or a json file nothing but `[]`/blanks."""
+    with open(loc, errors="replace") as f:
+        lines = [line.strip() for line in itertools.islice(f, 1000)]
+    lines = [line for line in lines if line]
+    if kind == "csv":
+        return len(lines) <= 1
+    return kind == "json" and "".join(lines) in ("", "[]")
 
 
 def _sklearn(name: str, source: str):
@@ -256,8 +279,12 @@ def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
             y = y.astype(np.int64)
     if classes is None:
         classes = _class_list(y, cfg, extra)
+        if cfg.classes is not None:
+            _check_classes_present(y, cfg)
     if cfg.classes is not None:
-        keep = np.isin(y, np.asarray(classes, dtype=y.dtype))
+        # A set, not np.isin: np.isin would cast 'cat' to the labels' integer dtype and fail.
+        wanted = set(classes)
+        keep = np.fromiter((v in wanted for v in y.tolist()), dtype=bool, count=len(y))
     index = {c: i for i, c in enumerate(classes)}
     unknown = [(i, v) for i, v in enumerate(y.tolist()) if keep[i] and v not in index][:1]
     if unknown:
@@ -268,6 +295,23 @@ def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
         )
     enc = np.fromiter((index[v] for v in y[keep].tolist()), dtype=np.int64, count=int(keep.sum()))
     return classes, torch.from_numpy(enc), torch.from_numpy(keep)
+
+
+def _check_classes_present(y: np.ndarray, cfg: DataConfig) -> None:
+    """Every label in `data.classes` must occur in the training source: otherwise the filter
+    silently drops those rows (all of them, if none matches) and the run fails later, far from
+    the cause."""
+    present = set(y.tolist())
+    missing = [c for c in cfg.classes if c not in present]
+    if missing:
+        shown = sorted(present, key=lambda v: (str(type(v)), v))
+        labels = ", ".join(map(str, shown[:20])) + (", ..." if len(shown) > 20 else "")
+        verb = "matches" if len(missing) == 1 else "match"
+        raise UserError(
+            f"data.classes {list(cfg.classes)}: {', '.join(map(str, missing))} {verb} no row "
+            f"of data.target `{cfg.target}` in {cfg.source} (labels present: {labels}); list "
+            "labels that occur there, written as in the file (1 and '1' differ)."
+        )
 
 
 def _class_list(y: np.ndarray, cfg: DataConfig, extra) -> list:

@@ -56,9 +56,9 @@ def _torch_load(path: Path, key: str) -> dict[str, torch.Tensor]:
             "save a state dict instead: torch.save(model.state_dict(), path), or use "
             "safetensors."
         ) from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for wrapper in ("state_dict", "model", "model_state_dict"):  # training-script checkpoints
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{key} {path}: expected a state dict (name -> tensor).")
     return obj

@@ -54,6 +54,7 @@ class Case:
     command: str = "check"
     path: str = "recipe.yaml"  # the recipe path given on the command line
     files: dict[str, str] = field(default_factory=dict)  # extra files in the working dir
+    absent: tuple[str, ...] = ()  # substrings stderr must not contain
 
 
 def at(path: str, value) -> Callable[[dict], None]:
@@ -303,6 +304,24 @@ CASES = [
         overrides=("data.num_classes=2",),
     ),
     Case(
+        "classes_match_no_row",
+        ("data.classes [5, 7]", "5, 7 match no row", "labels present: 0, 1, 2"),
+        overrides=("data.classes=[5,7]",),
+        absent=("batch_size",),  # not a consequence (0 training rows) but the cause
+    ),
+    Case(
+        "classes_of_another_type",
+        ("data.classes ['cat', 'dog']", "labels present: 0, 1, 2"),
+        overrides=("data.classes=[cat,dog]",),
+    ),
+    Case(
+        "csv_without_rows",
+        ("data.source `csv:empty.csv`", "has a header but no rows"),
+        overrides=("data.source=csv:empty.csv",),
+        files={"empty.csv": "a,b,label\n"},
+        absent=("Instruction", "corresponds to no data"),  # datasets' internals
+    ),
+    Case(
         "shape_does_not_fit",
         ("data.shape [3, 3]", "9 values", "2 features"),
         overrides=("data.shape=[3,3]",),
@@ -369,6 +388,8 @@ def test_error_case(case, tmp_path, monkeypatch, capsys):
     for want in case.expect:
         assert want in err, f"{want!r} missing from:\n{err}"
     assert "Traceback" not in err
+    for unwanted in case.absent:
+        assert unwanted not in err, f"{unwanted!r} in:\n{err}"
     assert not DOUBLED_PERIOD.search(err), f"doubled period in:\n{err}"
 
 
