@@ -166,7 +166,7 @@ def _fields_at(loc: list) -> list[str]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part) or _by_alias(model, part)
-        model = _model_in(field.annotation) if field else None
+        model = model_in(field.annotation) if field else None
         if model is None:
             return []
     return [f.alias or name for name, f in model.model_fields.items()]
@@ -176,13 +176,14 @@ def _by_alias(model: type[BaseModel], alias: str) -> Any:
     return next((f for f in model.model_fields.values() if f.alias == alias), None)
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field annotation (`X | None`, `list[X]`, ...), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType, list, typing.Annotated):
         for arg in typing.get_args(annotation):
-            found = _model_in(arg)
+            found = model_in(arg)
             if found is not None:
                 return found
     return None

@@ -57,7 +57,7 @@ def read_template(name: str) -> str:
             "DIST_TRAIN_SLURM_TEMPLATES points there; fix or unset it"
             if os.environ.get("DIST_TRAIN_SLURM_TEMPLATES")
             else "the installed dist_train package lacks its package data; reinstall it "
-            "(pip install --force-reinstall dist_train)"
+            "(pip install --force-reinstall dist-train)"
         )
         raise UserError(
             f"slurm template {name} is missing: looked for {path} ({err.strerror}); {where}."

@@ -4,6 +4,8 @@ function a user's command reaches."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +69,35 @@ def test_sweep_report_and_leaderboard_number_epochs_like_the_run_report(tmp_path
     assert rows[0]["best_epoch"] == 2  # logged epoch 1
     text = write_sweep_report(tmp_path).read_text()
     assert text.count(EPOCH_NOTE) == 1
+
+
+WINE = str(Path(__file__).resolve().parents[2] / "recipes" / "wine_mlp.yaml")
+
+
+def _submit(tmp_path, capsys) -> tuple[int, str]:
+    from dist_train.cli import main
+
+    code = main(["submit", WINE, "--processes", "2", "-o", str(tmp_path / "run"), "--dry-run"])
+    return code, capsys.readouterr().err
+
+
+def test_a_missing_template_is_an_installation_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "templates"
+    empty.mkdir()
+    monkeypatch.setenv("DIST_TRAIN_SLURM_TEMPLATES", str(empty))
+    code, err = _submit(tmp_path, capsys)
+    assert code == 2 and err.startswith("error: slurm template "), err
+    assert f"looked for {empty}/" in err and "DIST_TRAIN_SLURM_TEMPLATES" in err
+
+
+def test_a_template_placeholder_without_a_value_names_it(tmp_path, monkeypatch, capsys):
+    from dist_train.launch import slurm
+
+    edited = tmp_path / "templates"
+    shutil.copytree(slurm.templates_dir(), edited)
+    text = (edited / "cpu.sbatch").read_text()
+    (edited / "cpu.sbatch").write_text(text.replace("#SBATCH", "#SBATCH --qos=@{qos}\n#SBATCH", 1))
+    monkeypatch.setenv("DIST_TRAIN_SLURM_TEMPLATES", str(edited))
+    code, err = _submit(tmp_path, capsys)
+    assert code == 2 and "@{qos}" in err and str(edited / "cpu.sbatch") in err, err
+    assert "Traceback" not in err
