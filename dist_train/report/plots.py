@@ -140,6 +140,11 @@ def _epoch_means(run: Run, key: str) -> tuple[list, list]:
     return epochs, [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
 
 
+def _star(ax: Axes, x: float, y: float, colour: str, ms: int = 16) -> None:
+    """The best evaluation's marker, the same in every figure."""
+    ax.plot(x, y, marker="*", ms=ms, color=colour, mec="black", ls="none", zorder=5)
+
+
 def _loss_per_step(ax: Axes, run: Run, colour: str) -> list[float]:
     xs, ys = _series(run.train, TRAIN_LOSS)
     smooth = _smooth(xs, ys)
@@ -150,16 +155,7 @@ def _loss_per_step(ax: Axes, run: Run, colour: str) -> list[float]:
     ax.plot(vx, vy, color=colour, lw=1.8, ls="--", marker="o", ms=5)
     best = run.best_of(VALID_LOSS)
     if best:
-        ax.plot(
-            best["step"],
-            best[VALID_LOSS],
-            marker="*",
-            ms=16,
-            color=colour,
-            mec="black",
-            ls="none",
-            zorder=5,
-        )
+        _star(ax, best["step"], best[VALID_LOSS], colour)
     return ys + vy
 
 
@@ -171,16 +167,7 @@ def _loss_per_epoch(ax: Axes, run: Run, colour: str) -> list[float]:
     best = run.best_of(VALID_LOSS)
     if best and is_metric_value(best.get("epoch")):
         ax.axvline(best["epoch"], color=colour, ls=":", lw=1.2, alpha=0.8)
-        ax.plot(
-            best["epoch"],
-            best[VALID_LOSS],
-            marker="*",
-            ms=16,
-            color=colour,
-            mec="black",
-            ls="none",
-            zorder=5,
-        )
+        _star(ax, best["epoch"], best[VALID_LOSS], colour)
     return ty + vy
 
 
@@ -234,16 +221,7 @@ def plot_metrics(runs: list[Run], path: pathlib.Path) -> bool:
             ax.plot(xs, ys, color=_colour(i), lw=1.8, marker="o", ms=4)
             best = run.best_of(key)
             if best and is_metric_value(best.get("epoch")):
-                ax.plot(
-                    best["epoch"],
-                    best[key],
-                    marker="*",
-                    ms=14,
-                    color=_colour(i),
-                    mec="black",
-                    ls="none",
-                    zorder=5,
-                )
+                _star(ax, best["epoch"], best[key], _colour(i), ms=14)
                 modes.add(run.metric_mode(key))
         arrow = {"min": " (lower is better)", "max": " (higher is better)"}.get("".join(modes), "")
         _style(ax, key + arrow, "epoch", key.split("/", 1)[-1])
