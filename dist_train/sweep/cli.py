@@ -87,13 +87,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     launcher = _check_local_flags(args)
     recipe = load_recipe(args.recipe, args.overrides)
     trials, cfg = sweep.plan_trials(recipe, args.recipe)
-    world = (args.processes or args.nproc) if args.slurm else args.nproc
-    _check_batches(trials, world)
+    # Every check before anything is written: a refused request leaves no sweep directory.
+    if args.slurm:
+        request = _slurm_request(args, recipe, trials, sweep_dir.absolute())
+    else:
+        _check_batches(trials, args.nproc)
     meta = {"name": recipe.name, "recipe": args.recipe, "overrides": args.overrides}
     print(sweep.write_plan(sweep_dir, trials, cfg, meta), flush=True)
     sweep.write_results(sweep_dir)  # results.csv exists from the start: report/collect find it
     if args.slurm:
-        return _submit_array(args, recipe, trials, sweep_dir)
+        return _submit_array(args, recipe, trials, sweep_dir.absolute(), request)
     _run_local(
         sweep_dir, trials, cfg, args.parallel, launcher, args.nproc, shlex.split(args.launcher_args)
     )
@@ -334,17 +337,25 @@ def _signal(proc: subprocess.Popen, sig: int, group: bool = False) -> None:
 # ---------------------------------------------------------------------------- SLURM
 
 
-def _submit_array(
+def _slurm_request(
     args: argparse.Namespace, recipe, trials: list[sweep.Trial], sweep_dir: Path
-) -> int:
-    sweep_dir = sweep_dir.absolute()
+) -> dict:
+    """The job array's settings (flags, recipe `slurm:`, defaults), checked for every trial as
+    `dist-train submit` checks one job."""
     s = slurm_settings(args, recipe)
     if s["kind"] == "cpu" and s["num_processes"] is None:
         s["num_processes"] = args.nproc
     preflight(s, [t.recipe for t in trials], sweep_dir)
-    kind = s.pop("kind")
-    if kind != "cpu":
+    if s["kind"] != "cpu":
         s["num_processes"] = None  # one process per GPU
+    return s
+
+
+def _submit_array(
+    args: argparse.Namespace, recipe, trials: list[sweep.Trial], sweep_dir: Path, request: dict
+) -> int:
+    s = dict(request)
+    kind = s.pop("kind")
     todo = [t.index for t in trials if sweep.trial_status(sweep_dir / t.name) != "finished"]
     if not todo:
         print("[sweep] every trial is finished; nothing to submit")

@@ -127,3 +127,21 @@ def _private_imports() -> list[str]:
 
 def test_no_module_imports_another_modules_private_names():
     assert _private_imports() == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--nproc", "3", "--launcher", "torchrun"],  # local: 16 rows do not split over 3
+        ["--slurm", "--gpus-per-node", "3", "--dry-run"],  # array: nor over 3 GPUs per trial
+    ],
+)
+def test_sweep_refuses_a_batch_split_before_writing_anything(tmp_path, capsys, flags):
+    from dist_train.cli import main
+
+    recipe = str(PACKAGE.parent / "recipes" / "wine_sweep.yaml")
+    out = tmp_path / "sweep"
+    assert main(["sweep", recipe, "sweep.trials=2", "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert batch_split_error(16, 3, 1) in err, err
+    assert not out.exists()  # a corrected command starts clean
