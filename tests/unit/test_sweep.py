@@ -20,7 +20,7 @@ from dist_train.config.schema import SweepConfig
 from dist_train.errors import UserError
 from dist_train.launch import slurm
 from dist_train.sweep import plan as sweep
-from dist_train.sweep.cli import trial_command
+from dist_train.sweep.local import trial_command
 
 ROOT = Path(__file__).resolve().parents[2]
 WINE_SWEEP = ROOT / "recipes" / "wine_sweep.yaml"
