@@ -11,7 +11,7 @@ from dist_train.errors import UserError
 
 
 class MemoryFrame:
-    """The few `datasets.Dataset` accessors data.py uses, over arrays already in memory."""
+    """The few `datasets.Dataset` accessors sources.py uses, over arrays already in memory."""
 
     def __init__(self, columns: dict[str, object]) -> None:
         self._columns = columns

@@ -86,7 +86,7 @@ def slurm_settings(args: argparse.Namespace, recipe) -> dict:
     return s
 
 
-def preflight(settings: dict, recipes: list, run_dir: Path) -> None:
+def check_request(settings: dict, recipes: list, run_dir: Path) -> None:
     """`slurm.preflight` for every recipe the job will train (a sweep: each trial's batch), as
     a UserError: exit 2 on the login node, nothing written, nothing queued."""
     s = settings
@@ -140,7 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # UserError: exit 2, nothing queued
     s = slurm_settings(args, recipe)
     run_dir = Path(args.output_dir or timestamped_run_dir(recipe.name)).absolute()
-    preflight(s, [recipe], run_dir)
+    check_request(s, [recipe], run_dir)
     _check_run_dir(run_dir)
     kind = s.pop("kind")
     if kind != "cpu" and s["num_processes"] is not None:

@@ -21,7 +21,7 @@ from dist_train.config.base import batch_split_error
 from dist_train.config.cli import add_recipe_args
 from dist_train.errors import UserError
 from dist_train.launch import slurm
-from dist_train.launch.cli import add_slurm_args, preflight, slurm_settings, submit_script
+from dist_train.launch.cli import add_slurm_args, check_request, slurm_settings, submit_script
 from dist_train.sweep import plan as sweep
 from dist_train.sweep.local import run_local
 
@@ -142,7 +142,7 @@ def _slurm_request(
     s = slurm_settings(args, recipe)
     if s["kind"] == "cpu" and s["num_processes"] is None:
         s["num_processes"] = args.nproc
-    preflight(s, [t.recipe for t in trials], sweep_dir)
+    check_request(s, [t.recipe for t in trials], sweep_dir)
     if s["kind"] != "cpu":
         s["num_processes"] = None  # one process per GPU
     return s
