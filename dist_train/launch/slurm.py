@@ -103,6 +103,32 @@ def preflight(
     fails (or silently trains a different batch size). Each message names
     the flag and the fix, as one paragraph.
     """
+    _check_shape(kind, nodes, gpus_per_node, num_processes)
+    seconds = time_to_seconds(time)
+    if grace_s < 0 or grace_s >= seconds:
+        raise ValueError(
+            f"--grace {grace_s}s must be >= 0 and shorter than --time {time}; the "
+            f"checkpoint is written in that window before the time limit."
+        )
+    if run_dir is not None and _UNSAFE_PATH.search(str(run_dir)):
+        raise ValueError(
+            f"--output {run_dir!s} contains whitespace, a quote, '$', '%' or a backslash; "
+            f"#SBATCH --output cannot carry it. Choose a plain path."
+        )
+    if kind == "cpu":
+        world, flags = num_processes or 1, f"--processes {num_processes or 1}"
+    else:
+        world = nodes * gpus_per_node
+        flags = f"--nodes {nodes} x --gpus-per-node {gpus_per_node}"
+    if global_batch is None:
+        global_batch = world * grad_accum  # no batch to check: only grad_accum itself
+    problem = batch_split_error(global_batch, world, grad_accum)
+    if problem:
+        raise ValueError(f"{flags}: {problem}")
+
+
+def _check_shape(kind: str, nodes: int, gpus_per_node: int, num_processes: int | None) -> None:
+    """Kind, nodes, GPUs and processes must describe one consistent job."""
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not one of {', '.join(KINDS)}; pick one.")
     if nodes < 1:
@@ -131,27 +157,6 @@ def preflight(
             f"{gpus_per_node} = {nodes * gpus_per_node}: GPU jobs run one process per GPU; drop "
             f"--processes (it is for --kind cpu) or change --gpus-per-node."
         )
-    seconds = time_to_seconds(time)
-    if grace_s < 0 or grace_s >= seconds:
-        raise ValueError(
-            f"--grace {grace_s}s must be >= 0 and shorter than --time {time}; the "
-            f"checkpoint is written in that window before the time limit."
-        )
-    if run_dir is not None and _UNSAFE_PATH.search(str(run_dir)):
-        raise ValueError(
-            f"--output {run_dir!s} contains whitespace, a quote, '$', '%' or a backslash; "
-            f"#SBATCH --output cannot carry it. Choose a plain path."
-        )
-    if kind == "cpu":
-        world, flags = num_processes or 1, f"--processes {num_processes or 1}"
-    else:
-        world = nodes * gpus_per_node
-        flags = f"--nodes {nodes} x --gpus-per-node {gpus_per_node}"
-    if global_batch is None:
-        global_batch = world * grad_accum  # no batch to check: only grad_accum itself
-    problem = batch_split_error(global_batch, world, grad_accum)
-    if problem:
-        raise ValueError(f"{flags}: {problem}")
 
 
 def time_to_seconds(time: str) -> int:

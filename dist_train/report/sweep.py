@@ -39,53 +39,7 @@ def plot_sweep(plan: dict, rows: list[dict], path: pathlib.Path) -> bool:
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax, key in zip(axes, params, strict=False):
-        kind = next(iter(plan["params"][key]), "")
-        values = [r.get(key) for r in scored]
-        numeric = all(is_metric_value(v) for v in values)
-        if numeric:
-            xs = values
-        else:  # choice/grid of strings, lists, mappings: one position per distinct value
-            labels = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in values))
-            xs = [labels.index(json.dumps(v, sort_keys=True)) for v in values]
-            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
-        done = [r["status"] == "finished" for r in scored]
-        ys = [r[metric] for r in scored]
-        for flag, face in ((True, "tab:blue"), (False, "none")):
-            pick = [i for i, d in enumerate(done) if d is flag]
-            ax.scatter(
-                [xs[i] for i in pick],
-                [ys[i] for i in pick],
-                s=36,
-                facecolors=face,
-                edgecolors="tab:blue",
-                label="finished" if flag else "not finished",
-            )
-        i = scored.index(best)
-        ax.scatter(
-            [xs[i]],
-            [ys[i]],
-            marker="*",
-            s=260,
-            color="tab:orange",
-            zorder=3,
-            label=f"best ({best['trial']})",
-        )
-        if numeric and kind == "log_uniform" and all(v > 0 for v in xs):
-            from matplotlib.ticker import NullFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: readable
-        if numeric and kind in ("log_uniform", "uniform", "int_uniform"):
-            lo, hi = plan["params"][key][kind]  # the whole search range, not just the draws
-            if kind == "log_uniform":
-                pad = (hi / lo) ** 0.03
-                ax.set_xlim(lo / pad, hi * pad)
-            else:
-                pad = (hi - lo) * 0.03
-                ax.set_xlim(lo - pad, hi + pad)
-        ax.set_xlabel(f"{key} ({kind})")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
+        _panel(ax, plan, key, scored, best)
     for ax in axes[len(params) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
@@ -93,6 +47,58 @@ def plot_sweep(plan: dict, rows: list[dict], path: pathlib.Path) -> bool:
     fig.suptitle(f"sweep {plan.get('name', '')}: {metric} per trial ({arrow} is better)")
     fig.savefig(path, dpi=DPI, facecolor="white")
     return True
+
+
+def _panel(ax, plan: dict, key: str, scored: list[dict], best: dict) -> None:
+    """The metric against parameter `key` for the trials that have it, the best one starred."""
+    metric = plan["metric"]
+    kind = next(iter(plan["params"][key]), "")
+    values = [r.get(key) for r in scored]
+    numeric = all(is_metric_value(v) for v in values)
+    if numeric:
+        xs = values
+    else:  # choice/grid of strings, lists, mappings: one position per distinct value
+        labels = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in values))
+        xs = [labels.index(json.dumps(v, sort_keys=True)) for v in values]
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    done = [r["status"] == "finished" for r in scored]
+    ys = [r[metric] for r in scored]
+    for flag, face in ((True, "tab:blue"), (False, "none")):
+        pick = [i for i, d in enumerate(done) if d is flag]
+        ax.scatter(
+            [xs[i] for i in pick],
+            [ys[i] for i in pick],
+            s=36,
+            facecolors=face,
+            edgecolors="tab:blue",
+            label="finished" if flag else "not finished",
+        )
+    b = scored.index(best)
+    ax.scatter(
+        [xs[b]],
+        [ys[b]],
+        marker="*",
+        s=260,
+        color="tab:orange",
+        zorder=3,
+        label=f"best ({best['trial']})",
+    )
+    if numeric and kind == "log_uniform" and all(v > 0 for v in xs):
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: readable
+    if numeric and kind in ("log_uniform", "uniform", "int_uniform"):
+        lo, hi = plan["params"][key][kind]  # the whole search range, not just the draws
+        if kind == "log_uniform":
+            pad = (hi / lo) ** 0.03
+            ax.set_xlim(lo / pad, hi * pad)
+        else:
+            pad = (hi - lo) * 0.03
+            ax.set_xlim(lo - pad, hi + pad)
+    ax.set_xlabel(f"{key} ({kind})")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
 
 
 def _table(plan: dict, rows: list[dict]) -> str:
