@@ -16,7 +16,6 @@ from pathlib import Path
 from dist_train.config.cli import add_recipe_args
 from dist_train.errors import UserError
 from dist_train.launch import slurm
-from dist_train.run.rundir import timestamped_run_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -136,6 +135,7 @@ def _check_run_dir(run_dir: Path) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from dist_train.config.recipe import load_recipe
+    from dist_train.run.rundir import timestamped_run_dir  # lazy: building the parser stays light
 
     recipe = load_recipe(args.recipe, args.overrides)  # UserError: exit 2, nothing queued
     s = slurm_settings(args, recipe)
