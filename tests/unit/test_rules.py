@@ -145,3 +145,17 @@ def test_sweep_refuses_a_batch_split_before_writing_anything(tmp_path, capsys, f
     err = capsys.readouterr().err
     assert batch_split_error(16, 3, 1) in err, err
     assert not out.exists()  # a corrected command starts clean
+
+
+def test_assembling_the_cli_does_not_import_torch():
+    """Every command, `schema` and `submit --dry-run` included, builds the whole parser first;
+    a register() that imported torch would add seconds to all of them."""
+    import subprocess
+    import sys
+
+    code = "import sys; from dist_train.cli import build_parser; build_parser(); "
+    code += "print(sorted(m for m in ('torch', 'matplotlib', 'datasets') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
