@@ -3,7 +3,7 @@
 One panel per parameter (log x axis for log_uniform params such as the learning rate, category
 positions for choice/grid values that are not numbers); the best trial is starred, unfinished
 trials are hollow. Written as SWEEP_DIR/sweep.png and a self-contained SWEEP_DIR/report.html with
-the leaderboard. The numbers come from the trial directories (sweep.collect), so a report taken
+the leaderboard. The numbers come from the trial directories (results.collect), so a report taken
 while the sweep runs shows the trials evaluated so far.
 """
 
@@ -18,6 +18,7 @@ from dist_train.errors import UserError
 from dist_train.numbers import is_metric_value
 from dist_train.report import page
 from dist_train.sweep import plan as sweep
+from dist_train.sweep import results
 
 DPI = 110
 FIGURE = "sweep.png"
@@ -32,7 +33,7 @@ def plot_sweep(plan: dict, rows: list[dict], path: pathlib.Path) -> bool:
     scored = [r for r in rows if is_metric_value(r.get(metric))]
     if not scored or not params:
         return False
-    best = sweep.ranked(plan, scored)[0]
+    best = results.ranked(plan, scored)[0]
     cols = min(3, len(params))
     nrows = math.ceil(len(params) / cols)
     fig = Figure(figsize=(5.2 * cols, 3.9 * nrows), dpi=DPI, layout="constrained")
@@ -103,14 +104,14 @@ def _panel(ax, plan: dict, key: str, scored: list[dict], best: dict) -> None:
 
 def _table(plan: dict, rows: list[dict]) -> str:
     metric = plan["metric"]
-    ordered = sweep.ranked(plan, rows)
+    ordered = results.ranked(plan, rows)
     cols = ["rank", *rows[0]] if rows else ["rank"]
     head = "<tr>" + "".join(f"<th>{html.escape(c)}" for c in cols)
     body = []
     for i, row in enumerate(ordered, 1):
         rank = str(i) if row[metric] is not None else "–"
         css = " class='best'" if i == 1 and row[metric] is not None else ""
-        cells = [rank, *(sweep.cell(v) for v in row.values())]
+        cells = [rank, *(results.cell(v) for v in row.values())]
         body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}" for c in cells))
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -120,7 +121,7 @@ def write_sweep_report(
 ) -> pathlib.Path:
     """Write sweep.png and report.html for a sweep directory; return the HTML path."""
     sweep_dir = pathlib.Path(sweep_dir)
-    plan, rows = sweep.collect(sweep_dir)
+    plan, rows = results.collect(sweep_dir)
     out = pathlib.Path(out_dir) if out_dir is not None else sweep_dir
     try:
         out.mkdir(parents=True, exist_ok=True)

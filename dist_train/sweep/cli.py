@@ -23,6 +23,7 @@ from dist_train.errors import UserError
 from dist_train.launch import slurm
 from dist_train.launch.cli import add_slurm_args, check_request, slurm_settings, submit_script
 from dist_train.sweep import plan as sweep
+from dist_train.sweep import results
 from dist_train.sweep.local import run_local
 
 LAUNCHERS = ("none", "torchrun", "accelerate")
@@ -85,7 +86,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _check_batches(trials, args.nproc)
     meta = {"name": recipe.name, "recipe": args.recipe, "overrides": args.overrides}
     print(sweep.write_plan(sweep_dir, trials, cfg, meta), flush=True)
-    sweep.write_results(sweep_dir)  # results.csv exists from the start: report/collect find it
+    results.write_results(sweep_dir)  # results.csv exists from the start: report/collect find it
     if args.slurm:
         return _submit_array(args, recipe, trials, sweep_dir.absolute(), request)
     run_local(
@@ -115,8 +116,8 @@ def _check_batches(trials: list[sweep.Trial], world: int) -> None:
 
 
 def _report(sweep_dir: Path, final: bool) -> int:
-    plan, rows, best = sweep.write_results(sweep_dir)
-    print("\n" + sweep.leaderboard(plan, rows))
+    plan, rows, best = results.write_results(sweep_dir)
+    print("\n" + results.leaderboard(plan, rows))
     print(f"\nwrote {sweep_dir / sweep.RESULTS_FILE}")
     if best:
         print(f"best: {best} -> {sweep_dir / sweep.BEST_FILE}")
@@ -153,7 +154,7 @@ def _submit_array(
 ) -> int:
     s = dict(request)
     kind = s.pop("kind")
-    todo = [t.index for t in trials if sweep.trial_status(sweep_dir / t.name) != "finished"]
+    todo = [t.index for t in trials if results.trial_status(sweep_dir / t.name) != "finished"]
     if not todo:
         print("[sweep] every trial is finished; nothing to submit")
         return _report(sweep_dir, final=True)

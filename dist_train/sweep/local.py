@@ -19,6 +19,7 @@ from typing import IO
 
 from dist_train.report.page import shown_epoch
 from dist_train.sweep import plan as sweep
+from dist_train.sweep import results
 
 STOP_WAIT_S = 60  # after Ctrl-C / SIGTERM: time the trials get to save a checkpoint
 
@@ -102,7 +103,7 @@ def run_local(
     nproc: int,
     launcher_args: list[str],
 ) -> None:
-    todo = [t for t in trials if sweep.trial_status(sweep_dir / t.name) != "finished"]
+    todo = [t for t in trials if results.trial_status(sweep_dir / t.name) != "finished"]
     if len(todo) < len(trials):
         print(f"[sweep] skipping {len(trials) - len(todo)} finished trial(s)", flush=True)
     env = dict(os.environ)
@@ -167,7 +168,7 @@ def _start(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     _log_launch(trial_dir, event="start", pid=proc.pid, port=port, command=cmd)
-    shown = ", ".join(f"{k}={sweep.cell(v)}" for k, v in trial.values.items())
+    shown = ", ".join(f"{k}={results.cell(v)}" for k, v in trial.values.items())
     where = f"{launcher} x{nproc}, port {port}" if port else "1 process"
     print(
         f"[sweep] {trial.name} started ({shown}) on {where}; log {trial_dir}/train.log", flush=True
@@ -181,8 +182,8 @@ def _finished(sweep_dir: Path, r: _Running, cfg) -> None:
     rc = r.proc.returncode
     _log_launch(trial_dir, event="end", rc=rc)
     took = time.monotonic() - r.start
-    status = sweep.trial_status(trial_dir)
-    best = sweep.best_eval(trial_dir, cfg.metric, cfg.direction)
+    status = results.trial_status(trial_dir)
+    best = results.best_eval(trial_dir, cfg.metric, cfg.direction)
     score = (
         f": best {cfg.metric} {best[cfg.metric]:.4g} at epoch {shown_epoch(best['epoch'])}"
         if best
@@ -192,7 +193,7 @@ def _finished(sweep_dir: Path, r: _Running, cfg) -> None:
     if status != "finished":
         tail = (trial_dir / "train.log").read_text(errors="replace").splitlines()[-8:]
         print("\n".join(f"    {line}" for line in tail), file=sys.stderr, flush=True)
-    sweep.write_results(sweep_dir)
+    results.write_results(sweep_dir)
 
 
 def _stop(running: list[_Running]) -> None:

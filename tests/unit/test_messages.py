@@ -53,6 +53,7 @@ def test_sweep_report_and_leaderboard_number_epochs_like_the_run_report(tmp_path
     from dist_train.report.page import EPOCH_NOTE
     from dist_train.report.sweep import write_sweep_report
     from dist_train.sweep import plan as sweep
+    from dist_train.sweep import results
 
     plan = {
         "name": "s",
@@ -65,7 +66,7 @@ def test_sweep_report_and_leaderboard_number_epochs_like_the_run_report(tmp_path
     (tmp_path / sweep.PLAN_FILE).write_text(json.dumps(plan))
     (tmp_path / "trial-000").mkdir()
     _run(tmp_path / "trial-000", [0, 1, 2], best=1)
-    _, rows = sweep.collect(tmp_path)
+    _, rows = results.collect(tmp_path)
     assert rows[0]["best_epoch"] == 2  # logged epoch 1
     text = write_sweep_report(tmp_path).read_text()
     assert text.count(EPOCH_NOTE) == 1

@@ -56,7 +56,7 @@ def test_report_and_sweep_pick_the_best_value_in_the_trainers_direction(tmp_path
     import json
 
     from dist_train.report.html import load_run
-    from dist_train.sweep.plan import best_eval
+    from dist_train.sweep.results import best_eval
 
     values = [0.5, 0.2, 0.9, 0.2]  # a tie for the lowest: the earliest wins
     evals = [{"event": "eval", "epoch": i, "step": i + 1, metric: v} for i, v in enumerate(values)]

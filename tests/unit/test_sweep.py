@@ -20,6 +20,7 @@ from dist_train.config.schema import SweepConfig
 from dist_train.errors import UserError
 from dist_train.launch import slurm
 from dist_train.sweep import plan as sweep
+from dist_train.sweep import results
 from dist_train.sweep.local import trial_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +236,7 @@ def fabricate(d: Path, raw: dict) -> None:
 def test_results_csv_leaderboard_and_best_yaml(raw, tmp_path):
     d = tmp_path / "s"
     fabricate(d, raw)
-    plan_, rows, best = sweep.write_results(d)
+    plan_, rows, best = results.write_results(d)
     by = {r["trial"]: r for r in rows}
     assert [by[f"trial-00{i}"]["status"] for i in range(5)] == [
         "finished", "finished", "failed (exit 1)", "interrupted", "pending"]  # fmt: skip
@@ -253,7 +254,7 @@ def test_results_csv_leaderboard_and_best_yaml(raw, tmp_path):
     assert lines[0] == ("trial,optimizer.lr,optimizer.momentum,valid/accuracy,best_epoch,"
                         "best_step,wall_s,status")  # fmt: skip
     assert len(lines) == 6
-    board = sweep.leaderboard(plan_, rows).splitlines()
+    board = results.leaderboard(plan_, rows).splitlines()
     assert "2/5 trials finished" in board[0] and "higher is better" in board[0]
     order = [line.split()[1] for line in board[2:]]
     assert order == ["trial-003", "trial-001", "trial-000", "trial-002", "trial-004"]
@@ -265,8 +266,8 @@ def test_min_direction_ranks_lowest_first(raw, tmp_path):
     data = json.loads((d / "sweep.json").read_text())
     data["direction"] = "min"
     (d / "sweep.json").write_text(json.dumps(data))
-    plan_, rows = sweep.collect(d)
-    ranking = [r["trial"] for r in sweep.ranked(plan_, rows)]
+    plan_, rows = results.collect(d)
+    ranking = [r["trial"] for r in results.ranked(plan_, rows)]
     assert ranking[:3] == ["trial-002", "trial-000", "trial-003"]
     assert {r["trial"]: r for r in rows}["trial-000"]["valid/accuracy"] == 0.5
 
@@ -276,7 +277,7 @@ def test_sweep_report_plots_metric_against_each_param(raw, tmp_path):
 
     d = tmp_path / "s"
     fabricate(d, raw)
-    sweep.write_results(d)
+    results.write_results(d)
     html = write_report([d]).read_text()  # report.py's sweep hook
     assert (d / "sweep.png").stat().st_size > 5000
     assert "Leaderboard" in html and "trial-003" in html and "data:image/png;base64" in html
