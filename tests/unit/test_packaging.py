@@ -15,7 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "wine_mlp.yaml"
-SKIP = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__")
+SKIP = shutil.ignore_patterns(  # the checkout's untracked outputs (see .gitignore), not sources
+    ".git", ".venv", "runs", "wandb", "results", "build", "dist", "*.egg-info", "__pycache__",
+    ".pytest_cache", ".ruff_cache",
+)  # fmt: skip
 
 
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
