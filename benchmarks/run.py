@@ -562,6 +562,12 @@ def main() -> None:
     ap.add_argument("--work", help="scratch directory (default benchmarks/results/work[-quick])")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<time>.json)")
     ap.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for every measured process, both sides (a machine shared with "
+        "other jobs: spinning OpenMP threads make timings erratic)",
+    )
+    ap.add_argument(
         "--baseline-src",
         help="also time dist_train imported from this directory "
         "(e.g. `git archive HEAD dist_train | tar -x -C DIR`), paired in each round",
@@ -580,6 +586,8 @@ def main() -> None:
     unknown = set(cases) - set(all_cases)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; choose from {all_cases}")
+    if args.threads:  # inherited by every subprocess, dist_train's and plain.py's alike
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     results = HERE / "results"
     work = Path(args.work or results / ("work-quick" if args.quick else "work"))
     rounds = args.rounds or sizes(args.quick)["rounds"]
@@ -604,6 +612,7 @@ def main() -> None:
     doc = {
         "quick": args.quick,
         "rounds": rounds,
+        "threads": args.threads,
         "cases": cases,
         "rows": rows,
         "runs": runs,
