@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -260,7 +261,8 @@ sys.path.insert(0, {here!r})
 from plain import peak_rss_mib
 mark, quit_early = {mark!r}, {quit!r}
 def first_step(*a):
-    open(mark, "x").write(json.dumps({{"t": time.time(), "rss": peak_rss_mib()}}))
+    rec = {{"t": time.time(), "cpu": time.process_time(), "rss": peak_rss_mib()}}
+    open(mark, "x").write(json.dumps(rec))
     hd.remove()
     if quit_early:
         os._exit(0)
@@ -305,12 +307,23 @@ def startup(impl: str, name: str, case: dict, work: Path, tag: str, quick: bool)
             "--restart",
         ]
     env = os.environ | {"HF_DATASETS_CACHE": str(work / "hf-cache"), "WANDB_MODE": "disabled"}
-    t0 = time.time()
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    total = time.time() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.decode()[-2000:]}")
     rec = json.loads(mark.read_text())
-    return {"first_step_s": rec["t"] - t0, "peak_rss_mib": rec["rss"], "total_s": time.time() - t0}
+    # CPU seconds (user + system, all threads) beside the wall clock: on a machine shared with
+    # other jobs they vary far less, because waiting for a core is not counted.
+    cpu = c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime
+    return {
+        "first_step_s": rec["t"] - t0,
+        "first_step_cpu_s": rec["cpu"],
+        "peak_rss_mib": rec["rss"],
+        "total_s": total,
+        "total_cpu_s": cpu,
+    }
 
 
 def run_worker(
@@ -396,7 +409,10 @@ def summary_line(name: str, pair: dict) -> str:
         return (
             f"first step plain {pair['plain']['first_step_s']:.2f}s dist "
             f"{pair['dist']['first_step_s']:.2f}s; whole process plain "
-            f"{pair['plain']['total_s']:.2f}s dist {pair['dist']['total_s']:.2f}s; RSS plain "
+            f"{pair['plain']['total_s']:.2f}s dist {pair['dist']['total_s']:.2f}s (CPU s: first "
+            f"step {pair['plain']['first_step_cpu_s']:.2f} / {pair['dist']['first_step_cpu_s']:.2f}"
+            f", whole {pair['plain']['total_cpu_s']:.2f} / {pair['dist']['total_cpu_s']:.2f}); "
+            f"RSS plain "
             f"{pair['plain']['peak_rss_mib']:.0f} dist {pair['dist']['peak_rss_mib']:.0f} MiB"
         )
     line = (
@@ -473,6 +489,8 @@ def startup_rows(name: str, pairs: list[dict]) -> list[dict]:
     for key, label, target in (
         ("first_step_s", "time to first step (s)", "startup"),
         ("total_s", "whole process (s)", "total"),
+        ("first_step_cpu_s", "CPU s to first step", "startup"),
+        ("total_cpu_s", "whole process CPU s", "total"),
         ("peak_rss_mib", "peak RSS (MiB)", "rss_mib"),
     ):
         a = [p["plain"][key] for p in pairs]
