@@ -109,6 +109,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dist_train.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # UserError: exit 2, nothing queued
+    from dist_train.extras import require_trackers
+
+    require_trackers(recipe.tracking)  # a missing wandb/tensorboard: also before queueing
     s = _settings(args, recipe)
     run_dir = _run_dir(args.output_dir, recipe.name)
     kind = s.pop("kind")
