@@ -276,11 +276,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def startup(impl: str, name: str, case: dict, work: Path, tag: str, quick: bool) -> dict:
+def startup(
+    impl: str, name: str, case: dict, work: Path, tag: str, quick: bool, src: str | None = None
+) -> dict:
     """Fresh process as a user starts it (`dist-train train RECIPE` vs `python plain.py`):
     process start -> first optimizer step (a global optimizer-step hook / the script's own
     callback write the wall-clock time) and the peak RSS of the whole run (VmHWM at exit).
-    --quick stops right after the first step."""
+    --quick stops right after the first step. `src`: dist_train from that directory."""
     mark = work / f"first-{tag}.json"
     mark.unlink(missing_ok=True)
     if impl == "plain":
@@ -307,6 +309,8 @@ def startup(impl: str, name: str, case: dict, work: Path, tag: str, quick: bool)
             "--restart",
         ]
     env = os.environ | {"HF_DATASETS_CACHE": str(work / "hf-cache"), "WANDB_MODE": "disabled"}
+    if src:
+        env["PYTHONPATH"] = src
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     total = time.time() - t0
@@ -379,7 +383,7 @@ def measure(
     for r in range(rounds):
         for name in cases:
             impls = ["plain", "dist"]
-            if baseline and not name.startswith("startup_"):
+            if baseline:
                 impls.append("before")  # another dist_train source tree, e.g. the last commit
             order = impls if r % 2 == 0 else impls[::-1]  # A B, then B A
             pair = {}
@@ -389,7 +393,7 @@ def measure(
                 kind = "plain" if impl == "plain" else "dist"
                 if name.startswith("startup_"):
                     sub = name.removeprefix("startup_")
-                    pair[impl] = startup(impl, sub, table[sub], work, tag, inline)
+                    pair[impl] = startup(impl, sub, table[sub], work, tag, inline, src)
                 elif name == "eval":
                     pair[impl] = run_worker(f"eval-{kind}", name, work, tag, inline, src)
                 else:
@@ -406,6 +410,14 @@ def measure(
 
 def summary_line(name: str, pair: dict) -> str:
     if name.startswith("startup_"):
+        before = pair.get("before")
+        tail = (
+            f"; baseline tree: first step {before['first_step_s']:.2f}s, whole "
+            f"{before['total_s']:.2f}s (CPU {before['first_step_cpu_s']:.2f} / "
+            f"{before['total_cpu_s']:.2f}), RSS {before['peak_rss_mib']:.0f} MiB"
+            if before
+            else ""
+        )
         return (
             f"first step plain {pair['plain']['first_step_s']:.2f}s dist "
             f"{pair['dist']['first_step_s']:.2f}s; whole process plain "
@@ -414,6 +426,7 @@ def summary_line(name: str, pair: dict) -> str:
             f", whole {pair['plain']['total_cpu_s']:.2f} / {pair['dist']['total_cpu_s']:.2f}); "
             f"RSS plain "
             f"{pair['plain']['peak_rss_mib']:.0f} dist {pair['dist']['peak_rss_mib']:.0f} MiB"
+            + tail
         )
     line = (
         f"plain {pair['plain']['seconds']:.3f}s dist {pair['dist']['seconds']:.3f}s "
@@ -523,6 +536,14 @@ def startup_rows(name: str, pairs: list[dict]) -> list[dict]:
         r["paired"] = [round(v, 3) for v in paired]
         r["range"] = [min(paired), max(paired)]
         r["plain_range"], r["dist_range"] = [min(a), max(a)], [min(b), max(b)]
+        if "before" in pairs[0]:  # the baseline tree, paired with the same plain runs
+            c = [p["before"][key] for p in pairs]
+            if key == "peak_rss_mib":
+                before = [d - p for p, d in zip(a, c, strict=True)]
+            else:
+                before = [d / p for p, d in zip(a, c, strict=True)]
+            r["before"], r["before_range"] = med(before), [min(before), max(before)]
+            r["before_median"] = med(c)
         rows.append(r)
     return rows
 
@@ -559,6 +580,9 @@ def print_table(rows: list[dict]) -> None:
             note += f"  (max |w_plain - w_dist| {r['max_weight_diff']:.1e})"
         if "range" in r:
             note += f"  [rounds {r['range'][0]:.3f} .. {r['range'][1]:.3f}]"
+        if "before_range" in r:
+            lo, hi = r["before_range"]
+            note += f"  (baseline tree: {r['before']:.3f}, rounds {lo:.3f} .. {hi:.3f})"
         print(
             f"{r['case']:44} {r['plain']:9.3f} {r['dist_train']:9.3f} {ratio:8.3f}  "
             f"{r['target']:>12}  {note}"
