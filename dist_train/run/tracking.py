@@ -263,7 +263,8 @@ class _Wandb:
 
     What the run already holds comes from metrics.jsonl (wandb's own files are not read):
     online, the server's step; offline, the `wandb` record each part that closed cleanly
-    (a finished run, an exception, a preemption) leaves with its last step. A part without
+    (a finished run, an exception, a preemption) leaves with its last step (and which a
+    resume from an earlier checkpoint rewinds away, like the steps after it). A part without
     one was killed (SIGKILL, OOM, node loss) and lost an unknown tail, up to a 32 KiB block of
     its .wandb file: it is moved out of `wandb/` into `wandb-unfinished/` (kept, not synced),
     and its steps are re-sent from metrics.jsonl. Either way the history is complete and
@@ -332,7 +333,7 @@ class _Wandb:
         if mode != "offline":
             return -1
         parts = {p.name for p in (run_dir / "wandb").glob(f"offline-run-*-{run_id}")}
-        return max((r["last_step"] for r in finished if r.get("part") in parts), default=-1)
+        return max((r["step"] for r in finished if r.get("part") in parts), default=-1)
 
     def log(self, scalars: dict, step: int) -> None:
         if step > self.seen_step:
@@ -344,11 +345,9 @@ class _Wandb:
         self.run.finish()  # returns once everything logged is written (offline: the file)
         if self.mode != "offline":
             return None
-        return {
-            "kind": "wandb",
-            "part": Path(self.run.dir).parent.name,
-            "last_step": self.last_step,
-        }
+        # `step`: the last step the part holds. A resume from an earlier checkpoint rewinds
+        # the record away with the steps after it, and re-sends them: still no gap, no repeat.
+        return {"kind": "wandb", "step": self.last_step, "part": Path(self.run.dir).parent.name}
 
 
 def _set_aside_unfinished(run_dir: Path, run_id: str, finished: list[dict]) -> None:

@@ -240,7 +240,7 @@ def test_a_clean_stop_keeps_its_part_and_the_next_continues_after_it(tiny_recipe
     assert "stopped by a signal" in out, out[-3000:]
     (closed,) = events(run, "wandb")  # the part that closed cleanly, and how far it got
     stop = events(run, "train")[-1]["step"]
-    assert closed["last_step"] == stop >= 23
+    assert closed["step"] == stop >= 23
     r = cli("train", str(tiny_recipe), "-o", str(run), *TRACKED, WANDB_MODE="offline")
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -250,7 +250,7 @@ def test_a_clean_stop_keeps_its_part_and_the_next_continues_after_it(tiny_recipe
     assert [row["_step"] for row in parts[0]["history"]] == list(range(1, stop + 1))
     steps = [row["_step"] for p in parts for row in p["history"]]
     assert steps == list(range(1, 81))  # complete, no step twice
-    assert [e["last_step"] for e in events(run, "wandb")] == [stop, 80]
+    assert [e["step"] for e in events(run, "wandb")] == [stop, 80]
 
 
 def test_report_on_real_runs(finished_run, tiny_recipe, tmp_path):
