@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch first, pinned: a local CPU build on this machine kind, the CUDA build on a GPU box.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

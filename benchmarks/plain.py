@@ -256,7 +256,8 @@ def main(argv: list[str]) -> None:
     quit_early = "--exit-after-first-step" in argv
 
     def hook(t: float) -> None:
-        Path(first_file).write_text(json.dumps({"t": t, "rss": peak_rss_mib()}))
+        rec = {"t": t, "cpu": time.process_time(), "rss": peak_rss_mib()}
+        Path(first_file).write_text(json.dumps(rec))
         if quit_early:
             os._exit(0)
 

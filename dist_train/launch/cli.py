@@ -138,6 +138,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dist_train.run.rundir import timestamped_run_dir  # lazy: building the parser stays light
 
     recipe = load_recipe(args.recipe, args.overrides)  # UserError: exit 2, nothing queued
+    from dist_train.extras import require_trackers
+
+    require_trackers(recipe.tracking)  # a missing wandb/tensorboard: also before queueing
     s = slurm_settings(args, recipe)
     run_dir = Path(args.output_dir or timestamped_run_dir(recipe.name)).absolute()
     check_request(s, [recipe], run_dir)

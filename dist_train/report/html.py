@@ -278,6 +278,9 @@ def write_report(run_dirs: list[pathlib.Path], out_dir: pathlib.Path | None = No
     ``out_dir`` defaults to the run directory itself (one run) or ``<first run's parent>/report``.
     Figures that do not apply (e.g. no confusion matrix logged) are left out.
     """
+    from dist_train.extras import require
+
+    require("matplotlib", "`dist-train report`")  # an optional extra: exit 2 with the fix
     from dist_train.report import plots  # lazy: pulls in matplotlib
 
     run_dirs = [pathlib.Path(d) for d in run_dirs]

@@ -8,7 +8,8 @@ One job is one tracker run, across resumes and requeues: the run id lives in eve
 and comes back through `run_id`. A resumed job replays the steps after its checkpoint, so
 `metrics.jsonl` is rewound to the checkpoint step, TensorBoard purges the replayed steps, and
 wandb (whose history cannot be rewound, offline least of all) is sent only steps it has not
-seen. Every step therefore appears once, in increasing order, in each of them.
+seen. Every step therefore appears once, in increasing order, in each of them. What wandb has
+seen is read from metrics.jsonl, never from wandb's own files (see `_Wandb`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 from dist_train.config.schema import TrackingConfig, default_mode
+from dist_train.extras import missing, wandb_mode
+from dist_train.numbers import is_metric_value
 
 TRACKED = ("train", "eval")  # event kinds that carry step-indexed figures for the trackers
 PLAIN_LINE_SECONDS = 10.0  # not a terminal: at most one progress line per this many seconds
@@ -54,15 +57,17 @@ class RunLog:
             return
         self.tty = sys.stderr.isatty()
         path = run_dir / "metrics.jsonl"
-        seen = rewind_jsonl(path, resume_step) if resume_step is not None else -1
+        if resume_step is not None:
+            rewind_jsonl(path, resume_step)
         kept = read_jsonl(path)
         for record in kept:
             self._remember(record)
         self._fh = open(path, "a", buffering=1)  # noqa: SIM115 (line-buffered: tail -f)
         self.run_id = run_id or new_run_id()
         backlog = [r for r in kept if r.get("event") in TRACKED and isinstance(r.get("step"), int)]
+        finished = [r for r in kept if r.get("event") == "wandb"]
         self._trackers = _open_trackers(
-            run_dir, tracking, recipe, self.run_id, resume_step, seen, backlog
+            run_dir, tracking, recipe, self.run_id, resume_step, backlog, finished
         )
 
     def info(self, message: str) -> None:
@@ -160,7 +165,13 @@ class RunLog:
     def close(self) -> None:
         self.end_epoch()
         for tracker in self._trackers:
-            tracker.finish()
+            try:
+                note = tracker.finish()
+            except Exception as err:  # e.g. wandb's service process killed with the job
+                self.info(f"{tracker.name}: did not close cleanly ({str(err)[:200]})")
+                continue  # no record: a resume treats the part as unfinished and re-sends it
+            if note and self._fh:  # what the tracker holds, for the next resume to continue
+                self.event(**note)
         self._trackers = []
         if self._fh:
             self._fh.close()
@@ -187,26 +198,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def rewind_jsonl(path: Path, step: int) -> int:
+def rewind_jsonl(path: Path, step: int) -> None:
     """Drop the records after `step` (the resumed checkpoint): the resumed job logs them again.
-    Atomic (write + rename). Returns the last tracked step before rewinding (-1: none), which is
-    how far the trackers got."""
+    Atomic (write + rename)."""
     records = read_jsonl(path)
     if not records:
-        return -1
-    seen = max(
-        (
-            r["step"]
-            for r in records
-            if r.get("event") in TRACKED and isinstance(r.get("step"), int)
-        ),
-        default=-1,
-    )
+        return
     kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
-    return seen
 
 
 def summary_table(
@@ -215,12 +216,12 @@ def summary_table(
     steps = last_train.get("step") or (evals[-1]["step"] if evals else 0)
     head = f"run summary: {steps} optimizer steps, {_clock(seconds)} in this process"
     at_best = next((e for e in evals if e.get("step") == best_step), None)
-    keys = [k for k, v in final.items() if _is_number(v) and not k.endswith("/rows")]
+    keys = [k for k, v in final.items() if is_metric_value(v) and not k.endswith("/rows")]
     rows = [("metric", "final", f"best ckpt (step {best_step})" if at_best else "", "best (step)")]
-    if _is_number(last_train.get("train/loss")):
+    if is_metric_value(last_train.get("train/loss")):
         rows.append(("train/loss", _fmt(last_train["train/loss"]), "", ""))
     for key in keys:
-        values = [(e[key], e["step"]) for e in evals if _is_number(e.get(key))]
+        values = [(e[key], e["step"]) for e in evals if is_metric_value(e.get(key))]
         best = (min if default_mode(key) == "min" else max)(
             values, key=lambda p: p[0], default=None
         )
@@ -241,15 +242,11 @@ def summary_table(
 
 def _scalars(fields: dict) -> dict:
     """The figures a tracker plots: numbers other than the step/epoch counters."""
-    return {k: v for k, v in fields.items() if _is_number(v) and k not in ("step", "epoch")}
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {k: v for k, v in fields.items() if is_metric_value(v) and k not in ("step", "epoch")}
 
 
 def _fmt(value) -> str:
-    return f"{value:.4f}" if _is_number(value) else ""
+    return f"{value:.4f}" if is_metric_value(value) else ""
 
 
 def _clock(seconds: float) -> str:
@@ -264,18 +261,33 @@ class _Wandb:
     continues the same run. Offline, each (re)start writes its own `offline-run-*-ID` directory
     with the same id; `wandb sync RUN_DIR/wandb` uploads them in start order into that one run.
 
-    A SIGKILL loses what wandb had not written yet (offline: up to a 32 KiB block of the .wandb
-    file). So a resumed job first asks what the run already holds (the server's step, or the
-    history in the earlier offline parts), re-sends the missing steps from metrics.jsonl, and
-    from then on sends only steps beyond that: the history is complete and strictly increasing.
+    What the run already holds comes from metrics.jsonl (wandb's own files are not read):
+    online, the server's step; offline, the `wandb` record each part that closed cleanly
+    (a finished run, an exception, a preemption) leaves with its last step (and which a
+    resume from an earlier checkpoint rewinds away, like the steps after it). A part without
+    one was killed (SIGKILL, OOM, node loss) and lost an unknown tail, up to a 32 KiB block of
+    its .wandb file: it is moved out of `wandb/` into `wandb-unfinished/` (kept, not synced),
+    and its steps are re-sent from metrics.jsonl. Either way the history is complete and
+    strictly increasing across the parts `wandb sync` uploads.
     """
 
-    def __init__(
-        self, run_dir: Path, cfg, recipe: dict, run_id: str, jsonl_seen: int, backlog: list[dict]
-    ) -> None:
-        import wandb
+    name = "wandb"
 
-        mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg,
+        recipe: dict,
+        run_id: str,
+        backlog: list[dict],
+        finished: list[dict],
+    ) -> None:
+        try:
+            import wandb
+        except ImportError:  # checked before start-up too; here for callers that did not
+            raise missing("wandb", "tracking.wandb") from None
+
+        mode = wandb_mode(cfg)
         kwargs = dict(
             project=cfg.project,
             entity=cfg.entity,
@@ -287,6 +299,8 @@ class _Wandb:
             id=run_id,
             resume="allow",
         )
+        if mode == "offline":  # before init: the killed parts never share wandb/ with ours
+            _set_aside_unfinished(run_dir, run_id, finished)
         try:
             self.run = wandb.init(mode=mode, settings=_settings(wandb, mode), **kwargs)
         except Exception as err:  # no network / no credentials: never stop the training
@@ -298,8 +312,11 @@ class _Wandb:
                 flush=True,
             )
             mode = "offline"
+            _set_aside_unfinished(run_dir, run_id, finished)
             self.run = wandb.init(mode=mode, settings=_settings(wandb, mode), **kwargs)
-        self.seen_step = self._logged_before(mode, run_dir, run_id, jsonl_seen)
+        self.mode = mode
+        self.seen_step = self._logged_before(mode, run_dir, run_id, finished)
+        self.last_step = self.seen_step
         for record in backlog:  # steps the run lacks (lost in a kill), from metrics.jsonl
             self.log(_scalars(record), record["step"])
         if mode == "offline":
@@ -309,55 +326,38 @@ class _Wandb:
                 flush=True,
             )
 
-    def _logged_before(self, mode: str, run_dir: Path, run_id: str, jsonl_seen: int) -> int:
+    def _logged_before(self, mode: str, run_dir: Path, run_id: str, finished: list) -> int:
         """The last step this run already holds (-1: none)."""
         if mode == "online":
             return self.run.step - 1 if self.run.resumed else -1
         if mode != "offline":
             return -1
-        try:
-            own = Path(self.run.dir).parent
-            parts = [p for p in (run_dir / "wandb").glob(f"offline-run-*-{run_id}") if p != own]
-            return max((_max_history_step(f) for p in parts for f in p.glob("*.wandb")), default=-1)
-        except Exception:  # an unknown file format: fall back to what metrics.jsonl saw
-            return jsonl_seen
+        parts = {p.name for p in (run_dir / "wandb").glob(f"offline-run-*-{run_id}")}
+        return max((r["step"] for r in finished if r.get("part") in parts), default=-1)
 
     def log(self, scalars: dict, step: int) -> None:
         if step > self.seen_step:
             self.run.log(scalars, step=step)
+            self.last_step = max(self.last_step, step)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self) -> dict | None:
+        """Close the run; offline, the metrics.jsonl record that marks this part complete."""
+        self.run.finish()  # returns once everything logged is written (offline: the file)
+        if self.mode != "offline":
+            return None
+        # `step`: the last step the part holds. A resume from an earlier checkpoint rewinds
+        # the record away with the steps after it, and re-sends them: still no gap, no repeat.
+        return {"kind": "wandb", "step": self.last_step, "part": Path(self.run.dir).parent.name}
 
 
-def _max_history_step(path: Path) -> int:
-    """Largest `_step` in an offline .wandb file: wandb's `Record` protobufs in the LevelDB log
-    format (32 KiB blocks; chunks with a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/
-    LAST). A torn tail (the writer was killed) ends the scan."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, block, pos, parts, best = path.read_bytes(), 32768, 7, b"", -1
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path}: not a .wandb file")
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # the rest of a block too short for a header: padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 or pos + 7 + length > len(data):
-            break
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        parts = chunk if kind in (1, 2) else parts + chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(parts)
-            if record.WhichOneof("record_type") == "history":
-                for item in record.history.item:
-                    if (item.key or "/".join(item.nested_key)) == "_step":
-                        best = max(best, int(json.loads(item.value_json)))
-    return best
+def _set_aside_unfinished(run_dir: Path, run_id: str, finished: list[dict]) -> None:
+    """Move this run's offline parts that never closed cleanly out of `wandb/` (see _Wandb)."""
+    done = {r.get("part") for r in finished}
+    for part in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
+        if part.name not in done:
+            aside = run_dir / "wandb-unfinished"
+            aside.mkdir(exist_ok=True)
+            os.replace(part, aside / part.name)
 
 
 def _settings(wandb, mode: str):
@@ -366,8 +366,13 @@ def _settings(wandb, mode: str):
 
 
 class _TensorBoard:
+    name = "tensorboard"
+
     def __init__(self, run_dir: Path, resume_step: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise missing("tensorboard", "tracking.tensorboard") from None
 
         # purge_step: TensorBoard hides the events a killed attempt wrote after the checkpoint.
         purge = resume_step + 1 if resume_step is not None else None
@@ -388,12 +393,12 @@ def _open_trackers(
     recipe: dict,
     run_id: str,
     resume_step: int | None,
-    seen_step: int,
     backlog: list[dict],
+    finished: list[dict],
 ) -> list:
     trackers: list = []
-    if cfg.wandb is not None:
-        trackers.append(_Wandb(run_dir, cfg.wandb, recipe, run_id, seen_step, backlog))
+    if cfg.wandb is not None and wandb_mode(cfg.wandb) != "disabled":  # disabled: no import
+        trackers.append(_Wandb(run_dir, cfg.wandb, recipe, run_id, backlog, finished))
     if cfg.tensorboard:
         trackers.append(_TensorBoard(run_dir, resume_step))
     return trackers

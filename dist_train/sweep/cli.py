@@ -78,6 +78,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError("sweep: pass the recipe (dist-train sweep RECIPE -o SWEEP_DIR).")
     launcher = _check_local_flags(args)
     recipe = load_recipe(args.recipe, args.overrides)
+    from dist_train.extras import require_trackers
+
+    require_trackers(recipe.tracking)  # a missing wandb/tensorboard: before any trial starts
     trials, cfg = sweep.plan_trials(recipe, args.recipe)
     # Every check before anything is written: a refused request leaves no sweep directory.
     if args.slurm:

@@ -27,6 +27,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_train.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from dist_train.extras import require_trackers
+
+    require_trackers(recipe.tracking)  # a missing extra: exit 2 before any process group
     from dist_train.training.trainer import EXIT_PREEMPTED, Preempted, train
 
     try:

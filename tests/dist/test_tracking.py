@@ -1,6 +1,9 @@
 """Tracking on real 2-process (gloo) runs: one wandb run per job, the same run after SIGKILL +
-resume (twice) with strictly increasing steps, TensorBoard read back, console printed once,
-and `dist-train report` on real run directories."""
+resume (twice) and after clean stops, with strictly increasing steps, TensorBoard read back,
+console printed once, and `dist-train report` on real run directories.
+
+The .wandb files are read here only to check what wandb holds; dist_train itself never reads
+them (what a resumed run re-sends is decided from metrics.jsonl)."""
 
 from __future__ import annotations
 
@@ -98,10 +101,10 @@ def _wandb_run(run_dir: Path) -> dict:
     return out
 
 
-def _wandb_parts(run: Path) -> list[dict]:
+def _wandb_parts(run: Path, folder: str = "wandb") -> list[dict]:
     """The offline parts of the run in start order (the directory names carry the start time,
     which is also the order `wandb sync` uploads them in)."""
-    return [_wandb_run(d) for d in sorted((run / "wandb").glob("offline-run-*"))]
+    return [_wandb_run(d) for d in sorted((run / folder).glob("offline-run-*"))]
 
 
 def _tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
@@ -181,7 +184,7 @@ def test_sigkill_and_resume_twice_continue_the_same_run(tiny_recipe, tmp_path):
     # logged (wandb, TensorBoard, jsonl) and are trained again after each resume.
     assert run_until_then_kill(args, _logged_step(run, 23), nproc=2, timeout=180)
     first = _wandb_parts(run)
-    assert len(first) == 1  # nothing from it may have reached the file: it is backfilled
+    assert len(first) == 1  # nothing from it may have reached the file: it is re-sent
     assert run_until_then_kill(args, _logged_step(run, 53), nproc=2, timeout=180)
     r = _train(tiny_recipe, run)
     assert r.stdout.count("resuming from") == 1
@@ -195,8 +198,12 @@ def test_sigkill_and_resume_twice_continue_the_same_run(tiny_recipe, tmp_path):
     assert train_steps == list(range(1, 81))
     assert [e["step"] for e in events(run, "eval")] == [20, 40, 60, 80]
 
+    # A killed part lost an unknown tail, and only metrics.jsonl says what was logged: each
+    # was set aside (kept, not synced) and its steps re-sent by the next part.
+    aside = _wandb_parts(run, "wandb-unfinished")
+    assert len(aside) == 2 and {p["id"] for p in aside} == {run_id}
     parts = _wandb_parts(run)
-    assert len(parts) == 3 and {p["id"] for p in parts} == {run_id}  # one run, three parts
+    assert len(parts) == 1 and parts[0]["id"] == run_id  # what `wandb sync RUN/wandb` uploads
     steps = [row["_step"] for p in parts for row in p["history"]]
     assert _strictly_increasing(steps), steps  # across the parts, in start order: no duplicates
     assert steps == train_steps  # complete: what a kill lost was re-sent from metrics.jsonl
@@ -207,6 +214,43 @@ def test_sigkill_and_resume_twice_continue_the_same_run(tiny_recipe, tmp_path):
     loss = _tensorboard_scalars(run, "train/loss")  # the replayed steps purged, then re-logged
     assert sorted(loss) == list(range(1, 81))
     assert all(loss[s] == pytest.approx(train[s], rel=1e-6) for s in loss)
+
+
+def test_a_clean_stop_keeps_its_part_and_the_next_continues_after_it(tiny_recipe, tmp_path):
+    """SIGTERM to the training process (a preemption) closes wandb cleanly: that part is
+    complete, says so in metrics.jsonl, and the resumed part sends only the steps after it.
+    (Signalled alone: wandb's own service process lives on to write the part out.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from procs import ROOT, command, env
+
+    run = tmp_path / "run"
+    args = ["train", str(tiny_recipe), "-o", str(run), *TRACKED]
+    proc = subprocess.Popen(
+        command(args), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    reached, deadline = _logged_step(run, 23), time.monotonic() + 180
+    while not reached() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=180)[0].decode()
+    assert "stopped by a signal" in out, out[-3000:]
+    (closed,) = events(run, "wandb")  # the part that closed cleanly, and how far it got
+    stop = events(run, "train")[-1]["step"]
+    assert closed["step"] == stop >= 23
+    r = cli("train", str(tiny_recipe), "-o", str(run), *TRACKED, WANDB_MODE="offline")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    assert not (run / "wandb-unfinished").exists()  # nothing was set aside
+    parts = _wandb_parts(run)
+    assert len(parts) == 2 and {p["id"] for p in parts} == {run_info(run)["run_id"]}
+    assert [row["_step"] for row in parts[0]["history"]] == list(range(1, stop + 1))
+    steps = [row["_step"] for p in parts for row in p["history"]]
+    assert steps == list(range(1, 81))  # complete, no step twice
+    assert [e["step"] for e in events(run, "wandb")] == [stop, 80]
 
 
 def test_report_on_real_runs(finished_run, tiny_recipe, tmp_path):

@@ -18,7 +18,7 @@ CASES = [
     "digits_cnn",
     "eval",
     "startup_digits_cnn",
-    "startup_mlp_bs512",
+    "startup_mlp_bs64",
 ]
 
 

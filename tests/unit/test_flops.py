@@ -1,14 +1,25 @@
-"""Model FLOP counting for the logged achieved TFLOP/s and MFU."""
+"""Model FLOP counting for the logged achieved TFLOP/s and MFU: the analytic count of layer
+lists equals torch's FlopCounterMode, and costs no torch._dynamo import."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from dist_train import build
 from dist_train.config.recipe import load_recipe
-from dist_train.training.flops import peak_tflops, train_flops_per_sample
+from dist_train.training.flops import (
+    counted_flops,
+    layer_flops,
+    peak_tflops,
+    train_flops_per_sample,
+)
 from dist_train.training.trainer import train
 
 
@@ -30,6 +41,75 @@ def test_counting_leaves_training_state_alone():
     assert all(torch.equal(a, b) for a, b in zip(stats, net[1].buffers(), strict=True))
     assert torch.equal(rng, torch.get_rng_state())  # dropout drew nothing
     assert all(p.grad is None for p in net.parameters())
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe_path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_layer_count_equals_flop_counter_mode_on_the_shipped_recipes(recipe_path):
+    recipe = load_recipe(str(recipe_path), [])
+    data = build.build_data(recipe)
+    net = build.build_net(recipe, data, build.make_head(recipe))
+    example = data.train.x[:3]
+    analytic = layer_flops(net, example)
+    assert analytic is not None and analytic > 0
+    assert analytic == counted_flops(net, example)
+
+
+def test_layer_count_covers_strides_padding_groups_and_pooling():
+    net = nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        nn.BatchNorm2d(6),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 5, (3, 1), padding="same", bias=False),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Flatten(),
+        nn.Linear(5, 7),
+        nn.GELU(),
+        nn.Linear(7, 3),
+        nn.Softmax(dim=1),
+    )
+    example = torch.randn(2, 4, 9, 9)
+    assert layer_flops(net, example) == counted_flops(net, example) > 0
+
+
+class _OwnForward(nn.Module):
+    """A user module whose forward does a matmul the layer vocabulary cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 5))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_other_models_use_the_flop_counter_only_where_mfu_can_be_computed():
+    net = nn.Sequential(nn.Linear(3, 4), _OwnForward())
+    x = torch.randn(2, 3)
+    assert layer_flops(net, x) is None  # unknown forward: not counted analytically
+    assert train_flops_per_sample(net, x, counter=True) == 3 * 2 * (3 * 4 + 4 * 5)
+    assert train_flops_per_sample(net, x, counter=False) is None
+    assert train_flops_per_sample(net, x) is None  # CPU: no known peak, so no counter
+
+
+def test_counting_a_layer_list_never_imports_torch_dynamo():
+    """FlopCounterMode's first use imports torch._dynamo (~1 s, ~70 MiB); a layer-list model
+    on a CPU must not pay that (a fresh interpreter: this one may have imported it already)."""
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from dist_train.training.flops import train_flops_per_sample\n"
+        "net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))\n"
+        "flops = train_flops_per_sample(net, torch.randn(2, 1, 8, 8))\n"
+        "print(flops, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    ).stdout.split()
+    assert out == [str(3.0 * 2 * (9 * 4 * 36 + 144 * 3)), "False"]
 
 
 def test_peak_comes_from_the_recipe_or_a_known_gpu():

@@ -137,3 +137,50 @@ def test_chunked_evaluation_equals_a_direct_computation():
         assert r == results[0] or all(
             abs(r[k] - results[0][k]) < 1e-6 for k in r if k != "valid/confusion_matrix"
         )
+
+
+def test_nothing_heavy_is_imported_before_the_first_step(tmp_path):
+    """Fixed cost per run: up to the first optimizer step a `dist-train train` process has not
+    imported FlopCounterMode (a layer list is counted from its shapes), torchmetrics (built at
+    the first evaluation; it pulls in scipy.signal and matplotlib), nor any tracker it was
+    not asked for. At exit the evaluation has imported torchmetrics: the probe sees imports."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        """name: probe
+data: {source: "sklearn:iris", target: target, task: multiclass}
+model: {layers: [{linear: 16}, relu, {linear: out}]}
+loss: cross_entropy
+optimizer: {name: sgd, lr: 0.1}
+train: {epochs: 1, batch_size: 16}
+metrics: [accuracy, f1]
+"""
+    )
+    first, last = tmp_path / "first.json", tmp_path / "last.json"
+    code = f"""import json, sys, torch.optim.optimizer as o
+def first_step(*args):
+    json.dump(sorted(sys.modules), open({str(first)!r}, "w"))
+    hook.remove()
+hook = o.register_optimizer_step_post_hook(first_step)
+from dist_train.cli import main
+rc = main(["train", {str(recipe)!r}, "-o", {str(tmp_path / "run")!r}])
+json.dump(sorted(sys.modules), open({str(last)!r}, "w"))
+sys.exit(rc)
+"""
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    at_first, at_exit = set(json.loads(first.read_text())), set(json.loads(last.read_text()))
+    heavy = {"torch.utils.flop_counter", "torchmetrics", "scipy.signal", "matplotlib"}
+    trackers = {"wandb", "tensorboard", "torch.utils.tensorboard"}
+    assert not (heavy | trackers) & at_first, sorted((heavy | trackers) & at_first)
+    assert "torchmetrics" in at_exit and not trackers & at_exit
