@@ -24,8 +24,7 @@ def forget_previous_accelerator() -> None:
     precisions train in one process). The process-level PartialState (the group) is kept."""
     from accelerate.state import AcceleratorState
 
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state()
+    AcceleratorState._reset_state()  # clears the singleton's dict; a no-op the first time
 
 
 def make_accelerator(recipe: Recipe):

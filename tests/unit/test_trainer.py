@@ -178,6 +178,7 @@ def test_private_apis_the_training_side_relies_on_still_exist():
 
     assert callable(getattr(distributed_c10d, "_get_default_store", None)), "torch changed"
     assert callable(getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None))
+    assert callable(getattr(torch, "_foreach_norm", None))  # step.total_norm's one kernel
     check = FiniteCheck()
     grads = [torch.randn(3), torch.randn(2, 2)]
     assert check(grads)
