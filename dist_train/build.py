@@ -1,64 +1,102 @@
-"""The only place config meets constructors: data, model, loss head, optimizer, schedule."""
+"""The only place config meets constructors: data, model, loss head, optimizer, schedule.
+
+`build_components` is the one build sequence; train, eval, predict, check and summary all call
+it, so what `check` accepts is what `train` builds.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from dist_train.config.schema import Recipe
 from dist_train.data.sources import DataBundle, load_data
 from dist_train.errors import UserError
+from dist_train.model.head import Head
 from dist_train.model.net import Net, build_model
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from dist_train.training.optim import Schedule
 
 
 @dataclass
-class Head:
-    """How raw model outputs meet targets: the loss, and scores for metrics / predictions."""
+class Components:
+    """Everything built from a recipe before accelerate's prepare()."""
 
-    task: str
-    loss: str
-    label_smoothing: float = 0.0
-    pos_weight: float | None = None
+    data: DataBundle
+    head: Head
+    model: torch.nn.Module
+    notes: list[str] = field(default_factory=list)  # fine-tuning load report, one line each
+    optimizer: torch.optim.Optimizer | None = None  # None when built for eval/predict
+    scheduler: Schedule | None = None
+    total_steps: int = 0  # optimizer steps of the whole run (epochs x per epoch, or max_steps)
+    steps_per_epoch: int = 0
 
-    @property
-    def out_features(self) -> int:
-        return 0 if self.task == "multiclass" else (2 if self.loss == "cross_entropy" else 1)
 
-    def loss_fn(self, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if self.loss == "cross_entropy":
-            return F.cross_entropy(
-                out, y, label_smoothing=self.label_smoothing, reduction=reduction
-            )
-        out, yf = out.squeeze(-1), y.to(out.dtype)
-        if self.loss == "bce_with_logits":
-            pw = None if self.pos_weight is None else out.new_tensor(self.pos_weight)
-            return F.binary_cross_entropy_with_logits(out, yf, pos_weight=pw, reduction=reduction)
-        fn = {
-            "bce": F.binary_cross_entropy,
-            "mse": F.mse_loss,
-            "l1": F.l1_loss,
-            "smooth_l1": F.smooth_l1_loss,
-            "huber": F.huber_loss,
-        }[self.loss]
-        return fn(
-            out.float() if self.loss == "bce" else out,
-            yf.float() if self.loss == "bce" else yf,
-            reduction=reduction,
+def build_components(
+    recipe: Recipe,
+    accelerator: Accelerator | None = None,
+    *,
+    finetune: bool = True,
+    optimizer: bool = True,
+) -> Components:
+    """data (rank 0 first) -> head -> model (seeded) -> [`finetune`: pretrained weights and
+    freezing] -> [`optimizer`: DDP's unused-parameter probe -> device placement -> optimizer ->
+    schedule]. train and check build everything; summary skips the optimizer; eval and predict
+    skip both (their weights come from --checkpoint, and accelerate places the model).
+
+    `accelerator` None builds on the CPU of this one process (check, summary)."""
+    data = load_data_once(accelerator, recipe)
+    head = make_head(recipe)
+    model = build_net(recipe, data, head)
+    notes: list[str] = []
+    if finetune:
+        from dist_train.model.finetune import prepare_finetune
+
+        main = accelerator is None or accelerator.is_main_process
+        notes = prepare_finetune(model, recipe.finetune, main)  # before wrapping: freeze holds
+    if not optimizer:
+        return Components(data, head, model, notes)
+    from dist_train.training.distributed import configure_ddp, place_model
+
+    if accelerator is not None and accelerator.num_processes > 1:
+        configure_ddp(accelerator, model, data.train.x[:2], data.train.y[:2], head)
+    if accelerator is not None:
+        # On a GPU the model moves before the optimizer is built (fused optimizer kernels need
+        # the parameters' device); `train.compile` compiles it in place (clean state dicts).
+        model = place_model(model, accelerator.device, recipe.train.compile)
+    opt = build_optimizer(model, recipe.optimizer)
+    n_train = len(data.train.y)
+    total = total_steps(recipe, n_train)
+    if total == 0:
+        raise UserError(
+            f"train.batch_size {recipe.train.batch_size} is larger than the "
+            f"{n_train} training rows; lower it."
         )
+    scheduler = build_scheduler(opt, recipe.scheduler, total, recipe.optimizer.lr)
+    per_epoch = steps_per_epoch(n_train, recipe.train.batch_size)
+    return Components(data, head, model, notes, opt, scheduler, total, per_epoch)
 
-    def scores(self, out: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (multiclass [N, K]; binary: P(class 1) [N]) or predictions."""
-        out = out.float()
-        if self.task == "multiclass":
-            return out.softmax(-1)
-        if self.task == "binary":
-            if self.loss == "cross_entropy":
-                return out.softmax(-1)[:, 1]
-            return out.squeeze(-1) if self.loss == "bce" else out.squeeze(-1).sigmoid()
-        return out.squeeze(-1)
+
+def load_data_once(accelerator: Accelerator | None, recipe: Recipe) -> DataBundle:
+    """Rank 0 loads first (the datasets cache is written once, then reused). A data error is
+    held until everyone has left the barrier, then raised on every rank alike: otherwise rank 0
+    would exit mid-barrier and the others would die with a gloo traceback."""
+    if accelerator is None:
+        return build_data(recipe)
+    data, error = None, None
+    with accelerator.main_process_first():  # collective barrier on entry and exit
+        try:
+            data = build_data(recipe)
+        except UserError as err:
+            error = err
+    if error is not None:
+        raise error
+    return data
 
 
 def make_head(recipe: Recipe) -> Head:
@@ -116,18 +154,13 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
     return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
 
 
-def epochs_needed(recipe: Recipe, n_train: int) -> int:
-    per_epoch = max(steps_per_epoch(n_train, recipe.train.batch_size), 1)
-    return min(recipe.train.epochs, math.ceil(total_steps(recipe, n_train) / per_epoch))
-
-
 def build_optimizer(model: Net, cfg) -> torch.optim.Optimizer:
     from dist_train.training.optim import build_optimizer as _make
 
     return _make(model, cfg)
 
 
-def build_scheduler(optimizer, cfg, total: int, peak_lr: float):
+def build_scheduler(optimizer, cfg, total: int, peak_lr: float) -> Schedule:
     from dist_train.training.optim import build_scheduler as _make
 
     return _make(optimizer, cfg, total, peak_lr)

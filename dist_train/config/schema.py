@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from dist_train.config.base import LOWER_IS_BETTER, Strict, default_mode
+from dist_train.config.base import LOWER_IS_BETTER, Strict, batch_split_error, default_mode
 from dist_train.config.layers import LAYERS, LayerSpec, ModuleArgs, parse_layer
 from dist_train.config.run import (
     BestCheckpoint,
@@ -247,7 +247,12 @@ class EarlyStopping(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(10, ge=1, description="passes over the training split")
+    epochs: int = Field(
+        10,
+        ge=1,
+        description="passes over the training split (metrics.jsonl's `epoch` counts them from "
+        "0; printed progress from 1)",
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(64, ge=1, description="GLOBAL batch: same math on 1 or N processes")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (per process)")
@@ -256,7 +261,13 @@ class TrainConfig(Strict):
     early_stopping: EarlyStopping | None = Field(None, description="stop when a metric stalls")
     log_every_steps: int = Field(50, ge=1, description="optimizer steps between train log lines")
     eval_every_epochs: int = Field(1, ge=1, description="epochs between validations")
-    compile: bool = Field(False, description="wrap the model in torch.compile")
+    stop_check_every_steps: int = Field(
+        10,
+        ge=1,
+        description="optimizer steps between the ranks' agreement on a stop signal (one "
+        "all-reduce each; a single process checks every step)",
+    )
+    compile: bool = Field(False, description="compile the model in place (Module.compile)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process")
     peak_tflops: float | None = Field(
         None,
@@ -280,11 +291,11 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:
-        if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"train.batch_size: {self.batch_size} is not divisible by train.grad_accum "
-                f"{self.grad_accum}; every micro-batch must have the same size"
-            )
+        # The world size is unknown here: the grad_accum part of the one rule, at world size 1
+        # (distributed.plan_batches applies it again with the real one).
+        error = batch_split_error(self.batch_size, 1, self.grad_accum)
+        if error:
+            raise ValueError(error)
         return self
 
 

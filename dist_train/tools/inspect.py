@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from dist_train import build
+from dist_train.build import build_components
 from dist_train.config.recipe import dump_yaml, load_recipe
-from dist_train.model.finetune import prepare_finetune
-
-
-def _build(path: str, overrides: list[str]):
-    recipe = load_recipe(path, overrides)
-    data = build.build_data(recipe)
-    head = build.make_head(recipe)
-    model = build.build_net(recipe, data, head)
-    notes = prepare_finetune(model, recipe.finetune, True)
-    return recipe, data, head, model, notes
 
 
 def check(path: str, overrides: list[str]) -> str:
-    """Validate, load the data, build model, optimizer and schedule; the resolved recipe."""
-    recipe, data, _, model, notes = _build(path, overrides)
-    optimizer = build.build_optimizer(model, recipe.optimizer)
-    total = build.total_steps(recipe, len(data.train.y))
-    build.build_scheduler(optimizer, recipe.scheduler, total, recipe.optimizer.lr)
+    """Validate, load the data, build model, optimizer and schedule (train's own build, on
+    this process's CPU); the resolved recipe."""
+    recipe = load_recipe(path, overrides)
+    built = build_components(recipe)
+    data, model, notes, total = built.data, built.model, built.notes, built.total_steps
     n_valid = len(data.valid.y) if data.valid is not None else 0
     params = sum(p.numel() for p in model.parameters())
     lines = [
@@ -38,5 +28,7 @@ def check(path: str, overrides: list[str]) -> str:
 def summary(path: str, overrides: list[str]) -> str:
     from dist_train.model.net import format_summary
 
-    recipe, data, _, model, notes = _build(path, overrides)
-    return "\n".join([f"{recipe.name}", format_summary(model, data.input_shape), *notes])
+    recipe = load_recipe(path, overrides)
+    built = build_components(recipe, optimizer=False)
+    table = format_summary(built.model, built.data.input_shape)
+    return "\n".join([recipe.name, table, *built.notes])

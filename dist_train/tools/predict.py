@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from dist_train import build
+from dist_train.build import build_components
 from dist_train.config.recipe import load_recipe
 from dist_train.data.loaders import make_loader
 from dist_train.data.sources import Table, load_table
 from dist_train.errors import UserError
 from dist_train.model.finetune import load_weights
-from dist_train.training.distributed import make_accelerator
+from dist_train.training.distributed import eval_per_device, make_accelerator
 from dist_train.training.evaluate import evaluate, gathered_outputs
 
 
 def _setup(args, require_target: bool):
     recipe = load_recipe(args.recipe, args.overrides)
-    data = build.build_data(recipe)
-    head = build.make_head(recipe)
-    model = build.build_net(recipe, data, head)
+    accelerator = make_accelerator(recipe)
+    built = build_components(recipe, accelerator, finetune=False, optimizer=False)
+    data, head, model = built.data, built.head, built.model
     load_into(model, args.checkpoint)
     table, has_target = data.valid, True
     if args.data:
@@ -37,17 +37,10 @@ def _setup(args, require_target: bool):
         raise UserError(
             "eval: the recipe has no validation split (data.valid_fraction is 0); pass --data FILE."
         )
-    accelerator = make_accelerator(recipe)
-    loader = accelerator.prepare(
-        make_loader(table, _eval_batch(recipe, accelerator), shuffle=False, drop_last=False)
-    )
+    batch = eval_per_device(recipe, accelerator.num_processes)
+    loader = accelerator.prepare(make_loader(table, batch, shuffle=False, drop_last=False))
     model = accelerator.prepare_model(model, evaluation_mode=True)
     return recipe, data, head, model, loader, accelerator, table, has_target
-
-
-def _eval_batch(recipe, accelerator) -> int:
-    global_batch = recipe.data.eval_batch_size or recipe.train.batch_size
-    return max(1, -(-global_batch // accelerator.num_processes))
 
 
 def load_into(model: torch.nn.Module, path: str) -> None:

@@ -1,7 +1,8 @@
-"""The one Accelerator, the batch plan, and rank-agreement helpers."""
+"""The one Accelerator, the batch plan, DDP's unused-parameter probe, and rank agreement."""
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass
@@ -9,18 +10,21 @@ from datetime import timedelta
 
 import torch
 
+from dist_train.config.base import batch_split_error, per_device_batch
 from dist_train.config.schema import Recipe
 from dist_train.errors import UserError
 
 
-def _forget_previous_accelerator() -> None:
+def forget_previous_accelerator() -> None:
     """A second training in the same process (Python API, sweeps in a notebook) may ask for
-    another precision; accelerate's AcceleratorState singleton would refuse. The process-level
-    PartialState (the process group) is kept."""
+    another precision; accelerate's AcceleratorState singleton would refuse ("AcceleratorState
+    has already been initialized and cannot be changed"). accelerate has no public reset, so
+    this uses the private `AcceleratorState._reset_state()` (kept: without it the second
+    `train()` fails; tests/unit/test_trainer.py checks both that it still exists and that two
+    precisions train in one process). The process-level PartialState (the group) is kept."""
     from accelerate.state import AcceleratorState
 
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state()
+    AcceleratorState._reset_state()  # clears the singleton's dict; a no-op the first time
 
 
 def make_accelerator(recipe: Recipe):
@@ -38,7 +42,7 @@ def make_accelerator(recipe: Recipe):
         )
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    _forget_previous_accelerator()
+    forget_previous_accelerator()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
@@ -98,21 +102,43 @@ class BatchPlan:
 def plan_batches(recipe: Recipe, world_size: int) -> BatchPlan:
     """`train.batch_size` is global: per-device batch = batch_size / (world_size * grad_accum)."""
     t = recipe.train
-    if t.batch_size % (world_size * t.grad_accum):
-        raise UserError(
-            f"train.batch_size: {t.batch_size} does not split evenly over {world_size} processes "
-            f"x grad_accum {t.grad_accum}; use a multiple of {world_size * t.grad_accum} or "
-            "another number of processes."
-        )
-    eval_global = recipe.data.eval_batch_size or t.batch_size
-    eval_per_device = max(1, -(-eval_global // world_size))
+    error = batch_split_error(t.batch_size, world_size, t.grad_accum)
+    if error:
+        raise UserError(error)
     return BatchPlan(
         world_size,
         t.batch_size,
         t.grad_accum,
-        t.batch_size // (world_size * t.grad_accum),
-        eval_per_device,
+        per_device_batch(t.batch_size, world_size, t.grad_accum),
+        eval_per_device(recipe, world_size),
     )
+
+
+def eval_per_device(recipe: Recipe, world_size: int) -> int:
+    """Evaluation batch per process: the global eval batch split over the ranks, rounded up
+    (evaluation drops nothing: the padding of the last batch is removed when gathering)."""
+    eval_global = recipe.data.eval_batch_size or recipe.train.batch_size
+    return max(1, -(-eval_global // world_size))
+
+
+def configure_ddp(accelerator, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, head):
+    """Find trainable parameters that get no gradient (unused branches, a head the loss never
+    reaches): DDP then needs find_unused_parameters, else it fails with "Expected to have
+    finished reduction". Probed on a CPU copy (before placement) so batchnorm statistics and
+    the model's gradients stay untouched. The same model on every rank: the same answer."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    probe = copy.deepcopy(model)
+    head.loss_fn(probe(x), y).backward()
+    unused = [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        if accelerator.is_main_process:  # said once, not once per rank
+            print(
+                f"note: {len(unused)} trainable parameters get no gradient ({unused[:3]}...); "
+                "DDP runs with find_unused_parameters=True",
+                flush=True,
+            )
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
 
 
 def agree_any(accelerator, flag: bool) -> bool:

@@ -168,3 +168,16 @@ def build_scheduler(optimizer, cfg: SchedulerConfig, total_steps: int, peak_lr: 
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] = g["lr"] * cfg.max_lr / peak_lr
     return Schedule(optimizer, cfg, total_steps)
+
+
+def logged_lrs(optimizer: torch.optim.Optimizer, n_overrides: int) -> dict[str, float]:
+    """The learning rates a log line reports: `lr` is the main group's (the parameters no
+    `optimizer.param_groups` entry matched; param_groups() puts it after the overrides) and
+    `lr/group{i}` is entry i's. If the overrides took every parameter there is no main group
+    and `lr` is entry 0's."""
+    groups = optimizer.param_groups
+    main = groups[n_overrides] if len(groups) > n_overrides else groups[0]
+    lrs = {"lr": main["lr"]}
+    for i in range(min(n_overrides, len(groups))):
+        lrs[f"lr/group{i}"] = groups[i]["lr"]
+    return lrs

@@ -1,13 +1,19 @@
 """Signals: SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / Ctrl-C ask for a clean
 stop. Installed as the very first thing `dist-train train` does, before the seconds spent
-importing torch, so a signal that arrives during start-up is remembered, not lost."""
+importing torch, so a signal that arrives during start-up is remembered, not lost.
+
+A run installs the handlers (a no-op when the CLI already did, keeping a start-up signal) and
+restores the previous ones at teardown, clearing the request: one Ctrl-C in a notebook stops
+that run only, and Ctrl-C means KeyboardInterrupt again once no run is going."""
 
 from __future__ import annotations
 
 import signal
 import time
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _requested = False
+_previous: dict[int, object] | None = None  # the handlers install() replaced; None: not ours
 
 
 def _handle(signum, frame) -> None:
@@ -16,8 +22,23 @@ def _handle(signum, frame) -> None:
 
 
 def install() -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, _handle)
+    """Our handlers, with the previous ones recorded. Already installed (the CLI did it first
+    thing): nothing changes, so a signal that arrived during start-up still stops this run.
+    Freshly installed: any request left from before is cleared."""
+    global _previous, _requested
+    if _previous is not None:
+        return
+    _requested = False
+    _previous = {sig: signal.signal(sig, _handle) for sig in STOP_SIGNALS}
+
+
+def restore() -> None:
+    """The handlers from before install() back, and the request cleared (end of a run)."""
+    global _previous, _requested
+    if _previous is not None:
+        for sig, handler in _previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    _previous, _requested = None, False
 
 
 def stop_requested() -> bool:
@@ -40,7 +61,13 @@ def phase() -> str:
 
 class Heartbeat:
     """Each rank records `step time` in the rendezvous store at the stop-check interval, so a
-    survivor of a dead or stalled peer can say which rank stopped answering and when."""
+    survivor of a dead or stalled peer can say which rank stopped answering and when.
+
+    The launcher's store is reached through the private `distributed_c10d._get_default_store()`
+    (torch has no public accessor for the default group's store). Kept: it is what lets the
+    survivor's report name the dead rank (tests/reliability/test_hangs.py), it is read only at
+    the stop-check interval, and tests/unit/test_trainer.py fails loudly if it disappears;
+    should it vanish at runtime, the report says "no heartbeat store" instead of failing."""
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world, self.store = rank, world, None
@@ -97,3 +124,15 @@ def is_collective_failure(err: BaseException) -> bool:
             "Broken pipe",
         )
     )
+
+
+def ask_for_requeue(accelerator) -> None:
+    """Launchers turn a rank's exit 75 into 1, so the SLURM job script also looks for this file
+    (its path is in DIST_TRAIN_REQUEUE_FILE) to know the stop was a clean, saved preemption."""
+    import os
+    from pathlib import Path
+
+    marker = os.environ.get("DIST_TRAIN_REQUEUE_FILE")
+    if marker and accelerator.is_main_process:  # one rank writes the shared marker
+        Path(marker).write_text("saved\n")
+    accelerator.wait_for_everyone()  # collective: no rank exits before the marker exists

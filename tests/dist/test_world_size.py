@@ -83,7 +83,7 @@ def test_world_size_must_divide_the_global_batch(tiny_recipe, tmp_path):
     r = cli("train", str(tiny_recipe), "-o", str(tmp_path / "x"), "train.batch_size=25",
             nproc=2)
     assert r.returncode != 0
-    assert "train.batch_size: 25 does not split evenly over 2 processes" in r.stderr
+    assert "train.batch_size 25 (global) does not split evenly over 2 process" in r.stderr
     assert r.stderr.count("error: train.batch_size") == 1  # said once, not once per rank
     assert r.stderr.startswith("error: ")  # our ranks print no traceback (torchrun adds its own)
     assert 'File "' + str(ROOT / "dist_train") not in r.stderr

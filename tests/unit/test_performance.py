@@ -10,7 +10,7 @@ from torch import nn
 from dist_train.data.loaders import fast_batches, make_loader
 from dist_train.data.sources import Table
 from dist_train.training.distributed import place_model
-from dist_train.training.step import _total_norm
+from dist_train.training.step import total_norm
 
 
 def _accelerator():
@@ -44,13 +44,18 @@ def test_fast_batches_match_the_prepared_loader(shuffle):
 
 def test_total_norm_equals_torch():
     grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2)]
-    assert torch.equal(_total_norm(grads), torch.nn.utils.get_total_norm(grads))
+    assert torch.equal(total_norm(grads), torch.nn.utils.get_total_norm(grads))
     grads[1][0] = float("nan")
-    assert not torch.isfinite(_total_norm(grads))
+    assert not torch.isfinite(total_norm(grads))
 
 
 def test_fused_finite_check_finds_inf_and_nan_and_leaves_gradients_alone():
-    from dist_train.training.step import _all_finite
+    from dist_train.training.step import FiniteCheck
+
+    check = FiniteCheck()
+
+    def _all_finite(params):
+        return check([p.grad for p in params if p.grad is not None])
 
     params = [
         nn.Parameter(torch.zeros(4, 3)),
@@ -108,7 +113,7 @@ def test_more_cpu_processes_than_cores_warns_once(monkeypatch):
 def test_chunked_evaluation_equals_a_direct_computation():
     """Metrics updated once per chunk of gathered rows (not per batch) give the exact values of
     one pass over all rows; the in-memory loader is sliced directly."""
-    from dist_train.build import Head
+    from dist_train.model.head import Head
     from dist_train.training.evaluate import evaluate
     from dist_train.training.metrics import MetricSet
 

@@ -239,7 +239,7 @@ CASES = [
     ),
     Case(
         "batch_not_divisible_by_grad_accum",
-        ("train.batch_size", "not divisible by train.grad_accum"),
+        ("train.batch_size 10", "does not split evenly", "train.grad_accum 4"),
         overrides=("train.batch_size=10", "train.grad_accum=4"),
     ),
     Case(
