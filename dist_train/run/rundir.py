@@ -59,12 +59,7 @@ def plan_run_dir(
     output_dir: str | None, name: str, resolved: dict, restart: bool, allow_changed: bool
 ) -> RunPlan:
     if output_dir is None:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / name / stamp
-        n = 1
-        while run_dir.exists():
-            run_dir, n = Path("runs") / name / f"{stamp}-{n}", n + 1
-        return RunPlan(str(run_dir))
+        return RunPlan(str(timestamped_run_dir(name)))
     run_dir = Path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         return RunPlan(

@@ -134,9 +134,13 @@ class Trainer:
         self.data, self.head = built.data, built.head
         self.total, self.per_epoch = built.total_steps, built.steps_per_epoch
         # Counted once on two rows, with no effect on the weights, statistics or random streams.
-        example = built.data.train.x[:2].to(acc.device)
-        self.flops_per_sample = train_flops_per_sample(built.model, example)
+        # A model the layer list does not describe is counted (FlopCounterMode) only when a
+        # known peak makes `mfu` computable.
         self.peak_tflops = peak_tflops(acc.device, t.peak_tflops)
+        example = built.data.train.x[:2].to(acc.device)
+        self.flops_per_sample = train_flops_per_sample(
+            built.model, example, counter=self.peak_tflops is not None
+        )
         train_dl = make_loader(built.data.train, plan.per_device, True, True, seed=recipe.seed)
         valid = built.data.valid
         valid_dl = make_loader(valid, plan.eval_per_device, False, False) if valid else None
