@@ -259,7 +259,12 @@ WIDE = ["model.layers.0={linear: 1024}", "train.log_every_steps=5"]  # ~210 KB p
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs of a chosen size, unmounted afterwards; skipped where mounting is not allowed."""
+    """A tmpfs of a chosen size, unmounted afterwards. Mounting needs root: skipped (saying so)
+    when not root; as root (CI) a failed mount fails the test instead of hiding it."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root, where this runs)")
     mounts = []
 
     def make(size_kib: int) -> Path:
@@ -270,8 +275,7 @@ def small_disk(tmp_path):
             capture_output=True,
             text=True,
         )
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+        assert r.returncode == 0, f"mount -t tmpfs failed as root: {r.stderr.strip()}"
         mounts.append(path)
         return path
 
@@ -332,11 +336,12 @@ def test_disk_full_while_writing_run_json(small_disk):
     from dist_train.run.checkpoint import write_json_atomic
 
     disk = small_disk(64)
-    (disk / "filler").write_bytes(b"\0" * (64 * 1024))  # fills it (tmpfs counts whole pages)
+    write_json_atomic(disk / "run.json", {"status": "running"})  # one page of the 16
+    (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # fills the rest (tmpfs counts pages)
     with pytest.raises(UserError, match="no space left on the device while writing"):
         write_json_atomic(disk / "run.json", {"status": "running", "pad": "x" * 10000})
-    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
-    assert json.dumps({})  # (json used by the module; keeps the import honest)
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "run.json"]  # no temp file left
+    assert json.loads((disk / "run.json").read_text()) == {"status": "running"}  # intact
 
 
 def test_eval_missing_checkpoint_names_the_flag(rel_recipe, tmp_path, in_process):
