@@ -79,6 +79,11 @@ def cli_here(*args: str, **extra_env: str) -> Result:
                 code = cli_main(list(args))
             except SystemExit as exit_:  # argparse's own usage errors
                 code = exit_.code if isinstance(exit_.code, int) else 2
+            except Exception:  # as the interpreter would: a traceback on stderr, exit 1
+                import traceback
+
+                traceback.print_exc()
+                code = 1
     finally:
         os.chdir(cwd)
         os.environ.clear()

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rel_helpers import bitwise_equal, cli, rel_data, rel_recipe, run_until_then_kill, weights  # noqa: F401 (fixtures)
+from procs import cli_here
+from rel_helpers import bitwise_equal, cli, rel_data, rel_recipe, weights  # noqa: F401 (fixtures)
 from safetensors.torch import save_file
 
 from dist_train.cli import main
@@ -167,7 +168,7 @@ def test_error_case(case, rel_recipe, tmp_path, in_process, capsys):
 def test_output_dir_that_is_a_file(rel_recipe, tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("my notes\n")
-    r = cli("train", str(rel_recipe), "-o", str(target))
+    r = cli_here("train", str(rel_recipe), "-o", str(target))
     _assert_user_error(
         r.returncode,
         r.stderr,
@@ -187,7 +188,9 @@ def _snapshot(run: Path) -> dict[str, tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def existing_run(rel_data, tmp_path_factory):
-    """An unfinished run with complete checkpoints (killed mid-training), and its recipe."""
+    """An unfinished run with two complete checkpoints (SIGKILLed right after sealing the
+    second), and its recipe."""
+    from procs import cli_forked
     from rel_helpers import write_recipe
 
     tmp = tmp_path_factory.mktemp("existing")
@@ -196,12 +199,10 @@ def existing_run(rel_data, tmp_path_factory):
     recipe = write_recipe(tmp / "r.yaml", train_csv, rel_data["valid"])
     run = tmp / "run"
     args = ["train", str(recipe), "-o", str(run), "checkpoint.every_steps=5"]
-
-    def reached() -> bool:
-        done = [p for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()]
-        return len(done) >= 2
-
-    assert run_until_then_kill(args, reached)
+    code = cli_forked(tmp / "killed.log", *args, DIST_TRAIN_FAULT="after-marker@10")
+    assert code == -9, (tmp / "killed.log").read_text()[-3000:]
+    done = [p.name for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()]
+    assert sorted(done) == ["step-000005", "step-000010"]
     return recipe, run
 
 
