@@ -31,19 +31,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
-    """`reference_run(recipe, *overrides, nproc=1) -> run dir`: an uninterrupted training,
-    done once per session for each (recipe text, overrides, nproc) and shared by the tests that
-    compare against it. Its directory is read-only by convention: copy it to change it."""
+    """`reference_run(recipe, *overrides, nproc=1, **env) -> run dir`: an uninterrupted
+    training, done once per session for each (recipe text, overrides, nproc, env) and shared by
+    the tests that compare against it. Read-only by convention: copy it to change it."""
     done: dict[str, Path] = {}
 
-    def get(recipe: Path, *overrides: str, nproc: int = 1) -> Path:
-        key_text = "\n".join([Path(recipe).read_text(), *overrides, str(nproc)])
+    def get(recipe: Path, *overrides: str, nproc: int = 1, **env: str) -> Path:
+        key_text = "\n".join(
+            [Path(recipe).read_text(), *overrides, str(nproc), repr(sorted(env.items()))]
+        )
         key = hashlib.sha1(key_text.encode()).hexdigest()[:12]
         if key not in done:
             out = tmp_path_factory.mktemp(f"reference-{key}") / "run"
             args = ("train", str(recipe), "-o", str(out), *overrides)
             # One process: in this process (no import cost); N: a real torchrun launch.
-            r = cli_here(*args) if nproc == 1 else cli(*args, nproc=nproc)
+            r = cli_here(*args, **env) if nproc == 1 else cli(*args, nproc=nproc, **env)
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
             done[key] = out
         return done[key]
