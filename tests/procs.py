@@ -58,10 +58,11 @@ class Result:
     stderr: str
 
 
-def cli_here(*args: str, **extra_env: str) -> Result:
+def cli_here(*args: str, stream: io.TextIOBase | None = None, **extra_env: str) -> Result:
     """`dist-train ARGS` in this process (a child process costs seconds of imports): the
     environment of `env()` (wandb disabled, one thread), cwd at the repository root, output
-    captured, and the signal handlers and thread count that `train` sets put back."""
+    captured (or written to `stream` as it comes), and the signal handlers and thread count
+    that `train` sets put back."""
     import torch
 
     from dist_train.cli import main as cli_main
@@ -74,7 +75,7 @@ def cli_here(*args: str, **extra_env: str) -> Result:
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in a child: the same floating-point sums
     os.chdir(ROOT)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(stream or out), contextlib.redirect_stderr(stream or err):
             try:
                 code = cli_main(list(args))
             except SystemExit as exit_:  # argparse's own usage errors
@@ -94,22 +95,37 @@ def cli_here(*args: str, **extra_env: str) -> Result:
     return Result(int(code or 0), out.getvalue(), err.getvalue())
 
 
-def cli_forked(log: Path, *args: str, **extra_env: str) -> int:
+def cli_forked(
+    log: Path, *args: str, until: Callable[[], bool] | None = None, **extra_env: str
+) -> int:
     """`dist-train ARGS` in a fork of this process (no seconds of imports, unlike a child
-    process), meant to die at a `DIST_TRAIN_FAULT` point; the child's output goes to `log`.
-    Returns the signal that ended it (negative, as subprocess does) or its exit code."""
+    process), meant to die: at a `DIST_TRAIN_FAULT` point, or SIGKILLed by us as soon as
+    `until()` holds. The child's output goes to `log`. Returns the signal that ended it
+    (negative, as subprocess does) or its exit code."""
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest, whatever happens
         code = 70
         try:
-            r = cli_here(*args, **extra_env)
-            log.write_text(f"exit {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
-            code = r.returncode
-        except BaseException as err:
-            log.write_text(f"raised {type(err).__name__}: {err}")
+            with open(log, "w", buffering=1) as fh:  # line by line: a kill loses nothing said
+                code = cli_here(*args, stream=fh, **extra_env).returncode
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 300
+    while until is not None and time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if until():
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.0005)
+    else:
+        if until is not None:  # still running at the deadline: a hang, not a kill
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"dist-train {' '.join(args)}: still running after 300 s")
+        _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
