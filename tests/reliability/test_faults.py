@@ -121,3 +121,40 @@ def test_unknown_fault_point_is_a_user_error(rel_recipe, tmp_path):
     r = cli_here(*_train(rel_recipe, tmp_path / "run"), DIST_TRAIN_FAULT="after-everything")
     assert r.returncode == 2, r.stderr
     assert "DIST_TRAIN_FAULT=after-everything" in r.stderr and "before-rename" in r.stderr
+
+
+def test_a_save_fsyncs_every_file_before_the_rename_and_marks_it_after(
+    rel_recipe, tmp_path, monkeypatch
+):
+    """What a kill cannot show, a power cut would: the order of durable writes. Every file of a
+    checkpoint (and its directory) is fsynced before the rename that publishes it, and the
+    COMPLETE marker is written and fsynced only after it."""
+    import os
+
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def spy_replace(src, dst, **kw):
+        calls.append(("rename", f"{src} -> {dst}"))
+        return replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    run = tmp_path / "run"
+    r = cli_here("train", str(rel_recipe), "-o", str(run), "train.epochs=1", "checkpoint.keep=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    (final,) = ckpts.glob("step-*")  # every_epochs=1: one save, step 20
+    tmp = ckpts / f".tmp-{final.name}"
+    renamed = calls.index(("rename", f"{tmp} -> {final}"))
+    before = {path for kind, path in calls[:renamed] if kind == "fsync"}
+    after = {path for kind, path in calls[renamed:] if kind == "fsync"}
+    files = {p.name for p in final.iterdir()} - {"COMPLETE"}
+    assert {"model.safetensors", "train_state.json", "optimizer.bin"} <= files
+    assert {str(tmp / name) for name in files} | {str(tmp)} <= before
+    assert str(ckpts) in after  # the rename itself made durable
+    assert {str(final / "COMPLETE"), str(final)} <= after
