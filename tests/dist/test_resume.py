@@ -48,6 +48,12 @@ def test_sigkill_of_one_rank_mid_epoch_then_resume_is_bitwise_exact(
     assert r.returncode != 0, r.stdout[-2000:]
     assert not (run / "model.safetensors").exists()
     assert _complete(run) == ["step-000014", "step-000020", "step-000021"]  # keep: 3
+    # each rank saved its own RNG streams, and they differ (seeded per rank: distinct dropout
+    # masks; the same seed on every rank would make these equal)
+    from accelerate.utils import load
+
+    rng = [load(run / f"checkpoints/step-000021/random_states_{r}.pkl") for r in (0, 1)]
+    assert not (rng[0]["torch_manual_seed"] == rng[1]["torch_manual_seed"]).all()
     r = cli(*args, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {run}/checkpoints/step-000021" in r.stdout
