@@ -286,10 +286,8 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_checkpoint(rel_recipe, tmp_path, small_disk):
-    ref = tmp_path / "ref"
-    r = cli("train", str(rel_recipe), "-o", str(ref), *WIDE)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_disk_full_during_a_checkpoint(rel_recipe, tmp_path, small_disk, reference_run):
+    ref = reference_run(rel_recipe, *WIDE)
     ckpt = sum(p.stat().st_size for p in (ref / "checkpoints" / "step-000020").iterdir())
     # Room for the first checkpoint (step 20) and the logs, not for a second one (step 40).
     disk = small_disk(int(ckpt * 1.5) // 1024 + 64)
@@ -311,7 +309,7 @@ def test_disk_full_during_a_checkpoint(rel_recipe, tmp_path, small_disk):
     # nothing had happened.
     big = tmp_path / "big"
     shutil.copytree(run, big)
-    r = cli("train", str(rel_recipe), "-o", str(big), *WIDE)
+    r = cli_here("train", str(rel_recipe), "-o", str(big), *WIDE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {big}/checkpoints/step-000020" in r.stdout
     assert bitwise_equal(weights(big / "model.safetensors"), weights(ref / "model.safetensors"))
