@@ -1,10 +1,12 @@
-# make train: trains recipes/digits_cnn.yaml; make test: the whole test suite (as CI runs it).
+# make train: trains recipes/digits_cnn.yaml; make test: the whole test suite (as CI runs it);
+# make test-fast: the inner loop (unit + in-process tests, one-process kill/resume; no torchrun,
+# no SLURM), under 3 minutes on a 2-core machine.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint format bench clean reference
+.PHONY: install train test test-fast lint format bench clean reference
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +25,12 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# DIST_TRAIN_TEST_FAST=1: a test that launches torchrun/ranks or SLURM here fails, naming the
+# marker it lacks (tests/procs.py), instead of quietly slowing the loop down.
+FAST_MARKERS := not slow and not dist and not slurm
+test-fast: $(STAMP)
+	DIST_TRAIN_TEST_FAST=1 $(BIN)/python -m pytest -m "$(FAST_MARKERS)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -5,6 +5,13 @@ file fsynced, the directory renamed to `step-N/`, and only then marked with a `C
 A kill at any moment leaves either no `step-N/` or one without `COMPLETE`, which resume skips.
 Our own counters live in `train_state.json` (plain JSON, not a pickle: accelerate loads custom
 checkpoint objects with `weights_only=False`, which would execute code from a tampered file).
+
+Fault injection (tests only): `DIST_TRAIN_FAULT=<point>[@<step>]` SIGKILLs the process at that
+point of a checkpoint save (of that step, or of every save), on every rank or only on rank
+`DIST_TRAIN_FAULT_RANK`. The points, in order: `before-write` (temp dir clean, nothing
+written), `after-weights` (accelerate's files written, no train_state.json), `before-fsync`,
+`before-rename`, `before-marker` (renamed to step-N/, no COMPLETE), `after-marker` (sealed, not
+pruned). Tests kill at a named point instead of polling the run directory and racing the save.
 """
 
 from __future__ import annotations
@@ -13,12 +20,38 @@ import errno
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from dist_train.errors import RunFailure, UserError
 
 MARKER = "COMPLETE"
 STATE_FILE = "train_state.json"
+FAULT_POINTS = (
+    "before-write",
+    "after-weights",
+    "before-fsync",
+    "before-rename",
+    "before-marker",
+    "after-marker",
+)
+
+
+def _fault(point: str, step: int, rank: int) -> None:
+    """SIGKILL this process here if DIST_TRAIN_FAULT names this point (and step, and rank):
+    a kill, not an exception, so no cleanup code runs, exactly as under a real SIGKILL/OOM."""
+    spec = os.environ.get("DIST_TRAIN_FAULT")
+    if not spec:
+        return
+    name, _, at = spec.partition("@")
+    if name not in FAULT_POINTS:
+        raise UserError(
+            f"DIST_TRAIN_FAULT={spec}: unknown fault point `{name}`; choose one of "
+            f"{', '.join(FAULT_POINTS)} (optionally @STEP), or unset it."
+        )
+    only_rank = os.environ.get("DIST_TRAIN_FAULT_RANK")
+    if name == point and (not at or int(at) == step) and only_rank in (None, str(rank)):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -34,6 +67,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int, protect:
     root = checkpoint_dir(run_dir)
     step = state["step"]
     tmp, final = root / f".tmp-step-{step:06d}", root / f"step-{step:06d}"
+    rank = accelerator.process_index
 
     def clean() -> None:
         if accelerator.is_main_process:
@@ -45,23 +79,29 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int, protect:
     # writes into it)
     # Collective all-reduce: every rank's files are written before main seals it, and a rank
     # that failed to write makes every rank give up at the same point.
+    _fault("before-write", step, rank)
     _agreed(accelerator, _attempt(lambda: accelerator.save_state(str(tmp))), tmp)
+    _fault("after-weights", step, rank)
 
     def seal() -> None:
         if not accelerator.is_main_process:
             return
         _write_json(tmp / STATE_FILE, state)
+        _fault("before-fsync", step, rank)
         _fsync_tree(tmp)
         if final.exists():  # same step saved again (e.g. end of epoch == every_steps)
             shutil.rmtree(final)
+        _fault("before-rename", step, rank)
         os.replace(tmp, final)
         _fsync_dir(root)
+        _fault("before-marker", step, rank)
         try:
             _write_json(final / MARKER, {"step": step})
             _fsync_dir(final)
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)  # never leave a renamed, unmarked dir
             raise
+        _fault("after-marker", step, rank)
         prune(root, keep, protect)
 
     # Collective: nobody reads or resumes before the checkpoint is sealed (or all give up).

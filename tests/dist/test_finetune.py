@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 from dist_helpers import run_info
-from procs import ROOT, cli, weights
+from procs import cli, cli_here, weights
 
 pytestmark = pytest.mark.dist
 
@@ -17,7 +17,7 @@ FROZEN = ("layers.0.", "layers.1.", "layers.3.")  # conv, batchnorm (+ running s
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
-    r = cli("train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]",
+    r = cli_here("train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]",
             "train.epochs=2")
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "model.safetensors"
@@ -42,7 +42,7 @@ def test_frozen_parameters_and_buffers_bitwise_unchanged_under_ddp(pretrained, t
 
 
 def test_summary_shows_frozen_parameters(pretrained):
-    r = cli("summary", "recipes/digits_finetune.yaml", f"finetune.from={pretrained}")
+    r = cli_here("summary", "recipes/digits_finetune.yaml", f"finetune.from={pretrained}")
     assert r.returncode == 0, r.stderr
     assert "9,632 frozen" in r.stdout and "layers.0.weight" in r.stdout.split("frozen:")[1]
 
@@ -50,11 +50,11 @@ def test_summary_shows_frozen_parameters(pretrained):
 def test_shape_mismatch_is_reported_as_a_table_unless_allowed(pretrained, tmp_path):
     args = ["check", "recipes/digits_finetune.yaml", f"finetune.from={pretrained}",
             "finetune.reinit=[]", "data.classes=[5,6,7]"]
-    r = cli(*args)
+    r = cli_here(*args)
     assert r.returncode == 2
     assert "layers.11.weight: checkpoint [5, 128] vs model [3, 128]" in r.stderr
     assert "finetune.reinit" in r.stderr
-    r = cli(*args, "finetune.allow_shape_mismatch=true")
+    r = cli_here(*args, "finetune.allow_shape_mismatch=true")
     assert r.returncode == 0, r.stderr
     assert "reinitialized: layers.11.weight, layers.11.bias" in r.stdout
 
@@ -76,17 +76,19 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path, command, pretrained)
     with open(evil, "wb") as fh:
         pickle.dump({"layers.0.weight": _Evil(marker)}, fh)
     if command == "finetune":
-        r = cli("check", "recipes/digits_finetune.yaml", f"finetune.from={evil}")
+        r = cli_here("check", "recipes/digits_finetune.yaml", f"finetune.from={evil}")
     else:
-        r = cli("eval", "recipes/digits_cnn.yaml", "--checkpoint", str(evil))
+        r = cli_here("eval", "recipes/digits_cnn.yaml", "--checkpoint", str(evil))
     assert r.returncode == 2
     assert "refused to load" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists()
 
 
 def test_checkpoint_from_another_architecture_names_the_tensors(pretrained, tmp_path):
-    r = cli("eval", "recipes/wine_mlp.yaml", "--checkpoint", str(pretrained))
+    r = cli_here("eval", "recipes/wine_mlp.yaml", "--checkpoint", str(pretrained))
     assert r.returncode == 2
     assert "does not fit this recipe's model" in r.stderr
     assert "layers.0.weight: file [32, 1, 3, 3] vs model [64, 13]" in r.stderr
-    assert ROOT.exists()
+    # names the file and the fix, in one message, not a traceback
+    assert f"--checkpoint {pretrained}" in r.stderr and "use the recipe the checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr

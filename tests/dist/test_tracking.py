@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from dist_helpers import RECIPE, events, run_info
-from procs import cli, run_until_then_kill
+from procs import cli
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -169,23 +169,17 @@ def test_tensorboard_reads_back_the_logged_values(finished_run):
     assert _tensorboard_scalars(run, "valid/accuracy") == pytest.approx(valid)
 
 
-def _logged_step(run: Path, step: int):
-    def reached() -> bool:
-        path = run / "metrics.jsonl"
-        return path.exists() and f'"step": {step},' in path.read_text()
-
-    return reached
-
-
 def test_sigkill_and_resume_twice_continue_the_same_run(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     args = ["train", str(tiny_recipe), "-o", str(run), *TRACKED]
-    # Killed 3 steps after the checkpoint at 20, then 3 after 50: steps 21-23 and 51-53 were
-    # logged (wandb, TensorBoard, jsonl) and are trained again after each resume.
-    assert run_until_then_kill(args, _logged_step(run, 23), nproc=2, timeout=180)
+    # Both ranks SIGKILLed as the save of step 30, then of step 60, begins: steps 21-30 and
+    # 51-60 were logged (wandb, TensorBoard, jsonl) and are trained again after each resume.
+    r = cli(*args, nproc=2, WANDB_MODE="offline", DIST_TRAIN_FAULT="before-write@30")
+    assert r.returncode != 0 and not (run / "model.safetensors").exists(), r.stderr[-2000:]
     first = _wandb_parts(run)
     assert len(first) == 1  # nothing from it may have reached the file: it is re-sent
-    assert run_until_then_kill(args, _logged_step(run, 53), nproc=2, timeout=180)
+    r = cli(*args, nproc=2, WANDB_MODE="offline", DIST_TRAIN_FAULT="before-write@60")
+    assert r.returncode != 0 and not (run / "model.safetensors").exists(), r.stderr[-2000:]
     r = _train(tiny_recipe, run)
     assert r.stdout.count("resuming from") == 1
 

@@ -1,4 +1,5 @@
-"""Every shipped recipe validates, builds, and trains a few steps on 1 and on 2 processes."""
+"""Every shipped recipe validates, builds, and trains a few steps on 1 process (in this process:
+the CLI's code path without seconds of imports per case) and on 2 (torchrun, `make test`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from procs import ROOT, cli
+from procs import ROOT, cli, cli_here
 
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
 TINY = ["train.epochs=1", "train.max_steps=3"]
@@ -19,7 +20,9 @@ TINY = ["train.epochs=1", "train.max_steps=3"]
 def pretrained(tmp_path_factory) -> Path:
     """digits_finetune starts from a pretrained digits model: make a small one."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    r = cli("train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]", *TINY)
+    r = cli_here(
+        "train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]", *TINY
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return out / "model.safetensors"
 
@@ -51,11 +54,11 @@ def test_recipe_header_says_how_to_launch(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_check_and_tiny_dry_run(name, pretrained, tmp_path):
     extra = _extra(name, pretrained) + _strip_sweep(name)
-    r = cli("check", f"recipes/{name}", *extra)
+    r = cli_here("check", f"recipes/{name}", *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "# ok:" in r.stdout
     out = tmp_path / "run"
-    r = cli("train", f"recipes/{name}", "-o", str(out), *TINY, *extra)
+    r = cli_here("train", f"recipes/{name}", "-o", str(out), *TINY, *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model.safetensors").is_file()
 

@@ -24,6 +24,7 @@ from procs import (  # noqa: E402  (re-exported: test modules import from here)
     bitwise_equal,
     cli,
     env,
+    forbid_in_fast_loop,
     free_port,
     kill_tree,
     max_diff,
@@ -138,6 +139,7 @@ class Ranks:
     which would kill the survivors as soon as one rank dies), each with its own log files."""
 
     def __init__(self, args: list[str], logs: Path, world: int = 2, **extra_env: str) -> None:
+        forbid_in_fast_loop(f"{world} ranks started by hand")
         port = str(free_port())
         logs.mkdir(parents=True, exist_ok=True)
         self.logs, self.procs, self.ended = logs, [], {}

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rel_helpers import bitwise_equal, cli, rel_data, rel_recipe, run_until_then_kill, weights  # noqa: F401 (fixtures)
+from procs import cli_here
+from rel_helpers import bitwise_equal, cli, rel_data, rel_recipe, weights  # noqa: F401 (fixtures)
 from safetensors.torch import save_file
 
 from dist_train.cli import main
@@ -167,7 +168,7 @@ def test_error_case(case, rel_recipe, tmp_path, in_process, capsys):
 def test_output_dir_that_is_a_file(rel_recipe, tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("my notes\n")
-    r = cli("train", str(rel_recipe), "-o", str(target))
+    r = cli_here("train", str(rel_recipe), "-o", str(target))
     _assert_user_error(
         r.returncode,
         r.stderr,
@@ -187,7 +188,9 @@ def _snapshot(run: Path) -> dict[str, tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def existing_run(rel_data, tmp_path_factory):
-    """An unfinished run with complete checkpoints (killed mid-training), and its recipe."""
+    """An unfinished run with two complete checkpoints (SIGKILLed right after sealing the
+    second), and its recipe."""
+    from procs import cli_forked
     from rel_helpers import write_recipe
 
     tmp = tmp_path_factory.mktemp("existing")
@@ -196,12 +199,10 @@ def existing_run(rel_data, tmp_path_factory):
     recipe = write_recipe(tmp / "r.yaml", train_csv, rel_data["valid"])
     run = tmp / "run"
     args = ["train", str(recipe), "-o", str(run), "checkpoint.every_steps=5"]
-
-    def reached() -> bool:
-        done = [p for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()]
-        return len(done) >= 2
-
-    assert run_until_then_kill(args, reached)
+    code = cli_forked(tmp / "killed.log", *args, DIST_TRAIN_FAULT="after-marker@10")
+    assert code == -9, (tmp / "killed.log").read_text()[-3000:]
+    done = [p.name for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()]
+    assert sorted(done) == ["step-000005", "step-000010"]
     return recipe, run
 
 
@@ -259,7 +260,12 @@ WIDE = ["model.layers.0={linear: 1024}", "train.log_every_steps=5"]  # ~210 KB p
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs of a chosen size, unmounted afterwards; skipped where mounting is not allowed."""
+    """A tmpfs of a chosen size, unmounted afterwards. Mounting needs root: skipped (saying so)
+    when not root; as root (CI) a failed mount fails the test instead of hiding it."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root, where this runs)")
     mounts = []
 
     def make(size_kib: int) -> Path:
@@ -270,8 +276,7 @@ def small_disk(tmp_path):
             capture_output=True,
             text=True,
         )
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+        assert r.returncode == 0, f"mount -t tmpfs failed as root: {r.stderr.strip()}"
         mounts.append(path)
         return path
 
@@ -281,10 +286,8 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_checkpoint(rel_recipe, tmp_path, small_disk):
-    ref = tmp_path / "ref"
-    r = cli("train", str(rel_recipe), "-o", str(ref), *WIDE)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_disk_full_during_a_checkpoint(rel_recipe, tmp_path, small_disk, reference_run):
+    ref = reference_run(rel_recipe, *WIDE)
     ckpt = sum(p.stat().st_size for p in (ref / "checkpoints" / "step-000020").iterdir())
     # Room for the first checkpoint (step 20) and the logs, not for a second one (step 40).
     disk = small_disk(int(ckpt * 1.5) // 1024 + 64)
@@ -306,7 +309,7 @@ def test_disk_full_during_a_checkpoint(rel_recipe, tmp_path, small_disk):
     # nothing had happened.
     big = tmp_path / "big"
     shutil.copytree(run, big)
-    r = cli("train", str(rel_recipe), "-o", str(big), *WIDE)
+    r = cli_here("train", str(rel_recipe), "-o", str(big), *WIDE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {big}/checkpoints/step-000020" in r.stdout
     assert bitwise_equal(weights(big / "model.safetensors"), weights(ref / "model.safetensors"))
@@ -332,11 +335,12 @@ def test_disk_full_while_writing_run_json(small_disk):
     from dist_train.run.checkpoint import write_json_atomic
 
     disk = small_disk(64)
-    (disk / "filler").write_bytes(b"\0" * (64 * 1024))  # fills it (tmpfs counts whole pages)
+    write_json_atomic(disk / "run.json", {"status": "running"})  # one page of the 16
+    (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # fills the rest (tmpfs counts pages)
     with pytest.raises(UserError, match="no space left on the device while writing"):
         write_json_atomic(disk / "run.json", {"status": "running", "pad": "x" * 10000})
-    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
-    assert json.dumps({})  # (json used by the module; keeps the import honest)
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "run.json"]  # no temp file left
+    assert json.loads((disk / "run.json").read_text()) == {"status": "running"}  # intact
 
 
 def test_eval_missing_checkpoint_names_the_flag(rel_recipe, tmp_path, in_process):

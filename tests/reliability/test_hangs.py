@@ -27,7 +27,7 @@ PHASE = re.compile(
 )
 
 
-def _start(recipe, tmp_path) -> tuple[Ranks, object]:
+def _start(recipe, tmp_path, **extra_env: str) -> tuple[Ranks, object]:
     run = tmp_path / "run"
     # Long enough that it cannot finish before the fault (1000 steps, ~10+ s on 2 CPU ranks).
     args = [
@@ -39,9 +39,11 @@ def _start(recipe, tmp_path) -> tuple[Ranks, object]:
         f"train.collective_timeout_s={TIMEOUT_S}",
         "checkpoint.every_steps=10",
     ]
-    ranks = Ranks(args, tmp_path / "logs")
+    ranks = Ranks(args, tmp_path / "logs", **extra_env)
     deadline = time.monotonic() + 120
-    while logged_steps(run) < 25:  # mid-training: some heartbeats (every 10 steps) recorded
+    while (
+        not extra_env and logged_steps(run) < 25
+    ):  # mid-training: some heartbeats (every 10 steps) recorded
         assert time.monotonic() < deadline, "training did not start:\n" + ranks.err(0)
         assert all(p.poll() is None for p in ranks.procs), ranks.err(0) + ranks.err(1)
         time.sleep(0.02)
@@ -59,15 +61,19 @@ def _assert_report(text: str, dead: int) -> None:
 
 @pytest.mark.timeout(240)
 def test_killed_rank_makes_the_survivor_exit_with_a_report(rel_recipe, tmp_path):
-    ranks, run = _start(rel_recipe, tmp_path)
+    # Rank 1 SIGKILLs itself inside the save of step 30, after writing its files: rank 0 is
+    # then waiting for it in the save's all-reduce (no race with a kill from outside).
+    fault = {"DIST_TRAIN_FAULT": "after-weights@30", "DIST_TRAIN_FAULT_RANK": "1"}
+    ranks, run = _start(rel_recipe, tmp_path, **fault)
     try:
-        os.kill(ranks.procs[1].pid, signal.SIGKILL)
-        t0 = time.monotonic()
+        died, t0 = ranks.wait(1, 60)
+        assert died == -9, ranks.err(1)
         code, ended = ranks.wait(0, TIMEOUT_S + SLACK_S)
         assert code is not None, f"rank 0 still running {TIMEOUT_S + SLACK_S} s after rank 1 died"
         assert code == 4, ranks.err(0)
         assert ended - t0 < TIMEOUT_S + SLACK_S
         _assert_report(ranks.err(0), dead=1)
+        assert "during checkpoint save at step 30" in ranks.err(0)
         # The survivor left the run resumable: its checkpoints are all complete.
         assert all((p / "COMPLETE").is_file() for p in (run / "checkpoints").glob("step-*"))
     finally:

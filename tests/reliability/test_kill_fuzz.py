@@ -1,43 +1,44 @@
 # ruff: noqa: F811  (pytest fixtures imported from rel_helpers are parameters here)
-"""Kill fuzz: SIGKILL one training process at 20+ seeded-random moments (start-up, resume
-loading, mid-step, while a checkpoint is being written, between its rename and its COMPLETE
-marker), resume after each, and the final weights are bitwise those of an uninterrupted run.
-After every kill each checkpoint marked COMPLETE must load, and the next resume must name the
-newest complete one, never a half-written one.
+"""Kill fuzz: SIGKILL one training process at seeded-random moments (resume loading, mid-step,
+and at every stage of a checkpoint write via DIST_TRAIN_FAULT), resume after each, and the final
+weights are bitwise those of an uninterrupted run. After every kill each checkpoint marked
+COMPLETE must load, and the next resume must name the newest complete one, never a half-written
+one.
 
-Cost: one process, a checkpoint every 3 steps; each attempt pays ~3-5 s of start-up.
+Each attempt is a fork of the test process (no import cost): CI runs 20 kills;
+DIST_TRAIN_FUZZ_ROUNDS=100 (and DIST_TRAIN_FUZZ_SEED) for a longer local hunt.
 """
 
 from __future__ import annotations
 
+import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from procs import cli_forked, cli_here
 from rel_helpers import (  # noqa: F401 (fixtures)
-    ROOT,
     bitwise_equal,
-    cli,
-    env,
     events,
-    kill_tree,
     logged_steps,
     rel_data,
     rel_recipe,
     weights,
 )
 
+from dist_train.run.checkpoint import FAULT_POINTS
+
 pytestmark = pytest.mark.slow
 
-KILLS = 20
+KILLS = int(os.environ.get("DIST_TRAIN_FUZZ_ROUNDS", "20"))
+SEED = int(os.environ.get("DIST_TRAIN_FUZZ_SEED", "20240611"))
 TOTAL = 60  # optimizer steps of the recipe (20 per epoch x 3)
+EVERY = 3
 # dropout + noise augmentation: the restored RNG streams matter; a checkpoint every 3 steps.
 OVERRIDES = [
-    "checkpoint.every_steps=3",
+    f"checkpoint.every_steps={EVERY}",
     "checkpoint.keep=2",
     "model.layers.3=dropout",
     "data.augment.noise=0.05",
@@ -82,60 +83,27 @@ def partial_saves(ckpts: Path, since: float) -> list[Path]:
     return _fresh([*ckpts.glob(".tmp-step-*"), *unsealed], since)
 
 
-def _condition(kind: str, rng: random.Random, run: Path, out: Path, base: int, since: float):
-    """When to kill this attempt. Every kind falls back to a step bound past the next save
-    (so most attempts make progress) and before the end (so the run never finishes)."""
-    ckpts = run / "checkpoints"
+def _plan(rng: random.Random, run: Path, out: Path, base: int, since: float):
+    """(kind, DIST_TRAIN_FAULT or None, kill condition or None) of one attempt. A fault kills at
+    a random stage of one of the next saves; the other kinds kill from outside, at the latest
+    a few steps past the next save (progress) and before the end (the run never finishes)."""
+    saves = [s for s in range(base + 1, min(base + 10, TOTAL)) if s % EVERY == 0]
+    kind = rng.choice(["fault", "fault", "step", "time"] if saves else ["step", "time"])
+    if kind == "fault":
+        return kind, f"{rng.choice(FAULT_POINTS)}@{rng.choice(saves)}", None
     bound = min(base + rng.randint(4, 6), TOTAL - 1)
-    delay = rng.uniform(0.2, 6.0)
+    delay = rng.uniform(0.05, 2.0)
 
-    def training() -> bool:  # the plan line is printed after metrics.jsonl was rewound
-        return out.exists() and "dist-train:" in out.read_text()
+    def past_bound() -> bool:  # the plan line is printed after metrics.jsonl was rewound
+        return "dist-train:" in _text(out) and logged_steps(run) >= bound
 
-    def past_bound() -> bool:
-        return training() and logged_steps(run) >= bound
-
-    def saving() -> bool:
-        return bool(_fresh(ckpts.glob(".tmp-step-*"), since))
-
-    def unsealed() -> bool:
-        return bool(
-            _fresh([p for p in ckpts.glob("step-*") if not (p / "COMPLETE").exists()], since)
-        )
-
-    return {
-        "step": past_bound,
-        "saving": lambda: saving() or past_bound(),
-        "unsealed": lambda: unsealed() or past_bound(),
-        "time": lambda: time.time() - since >= delay or past_bound(),
-    }[kind]
+    if kind == "step":
+        return kind, None, past_bound
+    return kind, None, lambda: time.time() - since >= delay or past_bound()
 
 
-def _attempt(args: list[str], cond, out: Path) -> bool:
-    """Run until `cond()` holds, then SIGKILL; True if killed (False: it ended by itself)."""
-    with open(out, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dist_train", *args],
-            cwd=ROOT,
-            env=env(),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 180
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                if cond():
-                    kill_tree(proc.pid)
-                    proc.wait()
-                    return True
-                time.sleep(0.0005)
-            assert proc.poll() is not None, "attempt hung"
-            return False
-        finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-                proc.wait()
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def _incomplete(ckpts: Path) -> set[Path]:
@@ -154,12 +122,11 @@ def _check_resume_line(text: str, expected: Path | None, incomplete: set[Path]) 
 
 
 @pytest.mark.timeout(900)
-def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(rel_recipe, tmp_path):
-    r = cli("train", str(rel_recipe), "-o", str(tmp_path / "ref"), *OVERRIDES)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = weights(tmp_path / "ref" / "model.safetensors")
-
-    rng = random.Random(20240611)
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(
+    rel_recipe, reference_run, tmp_path
+):
+    ref = weights(reference_run(rel_recipe, *OVERRIDES) / "model.safetensors")
+    rng = random.Random(SEED)
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     args = ["train", str(rel_recipe), "-o", str(run), *OVERRIDES]
     kinds: Counter = Counter()
@@ -169,14 +136,15 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(rel_recipe, tmp_
         expected = done[-1] if done else None
         base = int(expected.name.split("-")[1]) if expected else 0
         incomplete = _incomplete(ckpts)
-        kind = rng.choice(["step", "saving", "unsealed", "time"])
         out = tmp_path / f"attempt-{i:02d}.log"
         since = time.time()
-        killed = _attempt(args, _condition(kind, rng, run, out, base, since), out)
-        assert killed, f"attempt {i} ({kind}) ended by itself:\n{out.read_text()[-2000:]}"
+        kind, fault, until = _plan(rng, run, out, base, since)
+        faults = {"DIST_TRAIN_FAULT": fault} if fault else {}
+        code = cli_forked(out, *args, until=until, **faults)
+        assert code == -9, f"attempt {i} ({kind} {fault}) ended with {code}:\n{_text(out)[-2000:]}"
         kinds[kind] += 1
         during_save += bool(partial_saves(ckpts, since))
-        _check_resume_line(out.read_text(), expected, incomplete)
+        _check_resume_line(_text(out), expected, incomplete)
         assert not (run / "model.safetensors").exists()
         for path in _complete(ckpts):
             _loads(path)
@@ -188,8 +156,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(rel_recipe, tmp_
 
     expected = _complete(ckpts)[-1] if _complete(ckpts) else None
     incomplete = _incomplete(ckpts)
-    r = cli(*args)
+    r = cli_here(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     _check_resume_line(r.stdout, expected, incomplete)
     assert bitwise_equal(weights(run / "model.safetensors"), ref)
-    assert sorted({e["step"] for e in events(run, "train")}) == list(range(1, TOTAL + 1))
+    assert [e["step"] for e in events(run, "train")] == list(range(1, TOTAL + 1))

@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 
 import pytest
+from procs import cli_here
 from rel_helpers import (
     TRAIN_ROWS,
     Ranks,
-    cli,
     events,
     poison,
     rel_data,  # noqa: F401 (fixture)
@@ -83,12 +83,12 @@ def _check_stop(run: Path, err: str, nproc: int) -> int:
 
 def test_stop_writes_a_diagnostic_and_keeps_the_last_good_checkpoint(rel_data, tmp_path):
     recipe, run = _recipe(tmp_path, rel_data, [BAD_ROW]), tmp_path / "run"
-    r = cli("train", str(recipe), "-o", str(run), *COMMON, **AUDIT)
+    r = cli_here("train", str(recipe), "-o", str(run), *COMMON, **AUDIT)
     assert r.returncode == 3, r.stderr[-3000:]
     step = _check_stop(run, r.stderr, nproc=1)
     # Fix the data, run the same command: it resumes from the last good checkpoint.
     write_table(tmp_path / "train.csv", table_lines(TRAIN_ROWS, 0))
-    r = cli("train", str(recipe), "-o", str(run), *COMMON)
+    r = cli_here("train", str(recipe), "-o", str(run), *COMMON)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {run}/checkpoints/step-{(step - 1) // EVERY * EVERY:06d}" in r.stdout
     assert all(
@@ -98,7 +98,7 @@ def test_stop_writes_a_diagnostic_and_keeps_the_last_good_checkpoint(rel_data, t
 
 def test_skip_logs_each_bad_step_and_training_goes_on(rel_data, tmp_path):
     recipe, run = _recipe(tmp_path, rel_data, [BAD_ROW]), tmp_path / "run"
-    r = cli("train", str(recipe), "-o", str(run), *COMMON, "train.on_nonfinite=skip")
+    r = cli_here("train", str(recipe), "-o", str(run), *COMMON, "train.on_nonfinite=skip")
     assert r.returncode == 0, r.stderr[-3000:]
     bad = events(run, "nonfinite")
     assert len(bad) == 3, bad  # the bad row comes once per epoch, 3 epochs
@@ -113,7 +113,7 @@ def test_too_many_consecutive_skips_stop(rel_data, tmp_path):
     # Every 4th row bad: (almost) every batch of 24 holds one, so skips come in a row.
     recipe = _recipe(tmp_path, rel_data, list(range(0, TRAIN_ROWS, 4)))
     run = tmp_path / "run"
-    r = cli(
+    r = cli_here(
         "train",
         str(recipe),
         "-o",

@@ -17,7 +17,8 @@ import shutil
 
 import pytest
 import torch
-from rel_helpers import cli, rel_data, rel_recipe, run_until_then_kill  # noqa: F401 (fixtures)
+from procs import cli_forked, cli_here
+from rel_helpers import rel_data, rel_recipe  # noqa: F401 (fixtures)
 
 ARGS = ["checkpoint.every_steps=5"]
 
@@ -32,14 +33,16 @@ class _Evil:
 
 @pytest.fixture(scope="module")
 def resumable(rel_data, tmp_path_factory):
-    """An unfinished run (killed) with a complete checkpoint to resume from."""
+    """An unfinished run, SIGKILLed right after sealing its checkpoint of step 10."""
     from rel_helpers import write_recipe
 
     tmp = tmp_path_factory.mktemp("untrusted")
     recipe = write_recipe(tmp / "r.yaml", rel_data["train"], rel_data["valid"])
     run = tmp / "run"
-    done = run / "checkpoints" / "step-000010" / "COMPLETE"
-    assert run_until_then_kill(["train", str(recipe), "-o", str(run), *ARGS], done.exists)
+    args = ["train", str(recipe), "-o", str(run), *ARGS]
+    code = cli_forked(tmp / "killed.log", *args, DIST_TRAIN_FAULT="after-marker@10")
+    assert code == -9, (tmp / "killed.log").read_text()[-3000:]
+    assert (run / "checkpoints" / "step-000010" / "COMPLETE").is_file()
     return recipe, run
 
 
@@ -63,7 +66,7 @@ def test_malicious_pickle_in_a_checkpoint_never_runs(name, resumable, tmp_path):
     ]
     marker = tmp_path / "pwned"
     torch.save({"state": {}, "param_groups": [], "x": _Evil(str(marker))}, latest / name)
-    r = cli("train", str(recipe), "-o", str(run), *ARGS)
+    r = cli_here("train", str(recipe), "-o", str(run), *ARGS)
     assert f"resuming from {latest}" in r.stdout, r.stdout + r.stderr
     assert not marker.exists(), f"code planted in {name} ran on resume"
     # Refused, with one clear message naming the checkpoint (no traceback, exit 2).

@@ -44,6 +44,9 @@ def slurm_cluster() -> Iterator[str]:
     """
     if os.environ.get("DIST_TRAIN_NO_SLURM") == "1":
         pytest.skip("DIST_TRAIN_NO_SLURM=1: SLURM tests skipped on request")
+    from procs import forbid_in_fast_loop
+
+    forbid_in_fast_loop("the SLURM cluster (installed and started on first use)")
     was_running = _cluster_running()
     proc = subprocess.run(
         ["bash", str(CLUSTER_SH), "up"], capture_output=True, text=True, timeout=600

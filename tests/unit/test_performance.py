@@ -75,18 +75,25 @@ def test_fused_finite_check_finds_inf_and_nan_and_leaves_gradients_alone():
 
 
 def test_compile_keeps_state_dict_names():
+    import shutil
+
+    import pytest
+    from torch._dynamo import is_dynamo_supported
+    from torch._inductor import config
+
+    # Skip only on the two known unsupported set-ups; any other compile failure is a failure.
+    if not is_dynamo_supported():
+        pytest.skip("torch.compile (dynamo) does not support this Python version/platform")
+    cxx = [c for c in config.cpp.cxx if c]
+    if not any(shutil.which(c) for c in cxx):
+        pytest.skip(f"no C++ compiler ({' or '.join(cxx)}): inductor cannot build CPU kernels")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(16, 4)
     eager = model(x)
     names = list(model.state_dict())
     compiled = place_model(model, torch.device("cpu"), compile=True)
-    try:
-        out = compiled(x)
-    except Exception as err:  # no working compiler toolchain for inductor on this machine
-        import pytest
-
-        pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {err}"[:200])
+    out = compiled(x)
     assert torch.allclose(out, eager, atol=1e-6)
     assert list(compiled.state_dict()) == names  # no `_orig_mod.` prefix
     assert not any("_orig_mod" in n for n, _ in compiled.named_parameters())

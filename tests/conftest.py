@@ -1,0 +1,53 @@
+"""Session-wide test plumbing: `tests/` on the import path (procs.py), the SLURM marker put on
+every test that uses the cluster, and reference runs trained once per session and shared.
+
+Two loops (see the Makefile): `make test-fast` runs `-m "not slow and not dist and not slurm"`
+with DIST_TRAIN_TEST_FAST=1, where a torchrun launch or the SLURM cluster fails the test that
+asks for it (procs.forbid_in_fast_loop); `make test` runs everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procs import cli, cli_here
+
+SLURM_FIXTURES = {"slurm_cluster", "slurm_jobs"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that needs the cluster is a SLURM test whatever its module says: the marker can
+    # not be forgotten, so `-m "not slurm"` never installs SLURM.
+    for item in items:
+        if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slurm)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`reference_run(recipe, *overrides, nproc=1, **env) -> run dir`: an uninterrupted
+    training, done once per session for each (recipe text, overrides, nproc, env) and shared by
+    the tests that compare against it. Read-only by convention: copy it to change it."""
+    done: dict[str, Path] = {}
+
+    def get(recipe: Path, *overrides: str, nproc: int = 1, **env: str) -> Path:
+        key_text = "\n".join(
+            [Path(recipe).read_text(), *overrides, str(nproc), repr(sorted(env.items()))]
+        )
+        key = hashlib.sha1(key_text.encode()).hexdigest()[:12]
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"reference-{key}") / "run"
+            args = ("train", str(recipe), "-o", str(out), *overrides)
+            # One process: in this process (no import cost); N: a real torchrun launch.
+            r = cli_here(*args, **env) if nproc == 1 else cli(*args, nproc=nproc, **env)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            done[key] = out
+        return done[key]
+
+    return get
