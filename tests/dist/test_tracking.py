@@ -169,6 +169,16 @@ def test_tensorboard_reads_back_the_logged_values(finished_run):
     assert _tensorboard_scalars(run, "valid/accuracy") == pytest.approx(valid)
 
 
+def _logged_step(run: Path, step: int):
+    """True once metrics.jsonl holds `step` (for a graceful stop: any later step is fine)."""
+
+    def reached() -> bool:
+        path = run / "metrics.jsonl"
+        return path.exists() and f'"step": {step},' in path.read_text()
+
+    return reached
+
+
 def test_sigkill_and_resume_twice_continue_the_same_run(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     args = ["train", str(tiny_recipe), "-o", str(run), *TRACKED]
