@@ -192,3 +192,18 @@ class Ranks:
                 except ProcessLookupError:
                     pass
                 proc.wait()
+
+
+def assert_checkpoint_loads(path: Path) -> None:
+    """Every file of a complete checkpoint loads (safely: weights_only) and holds what it
+    should; shared by the stage-by-stage fault tests and the kill fuzz."""
+    import torch
+    from accelerate.utils import load
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "train_state.json").read_text())
+    assert state["step"] == int(path.name.split("-")[1])
+    assert load_file(str(path / "model.safetensors"))
+    assert torch.load(path / "optimizer.bin", weights_only=True)["state"]
+    assert "last_epoch" in torch.load(path / "scheduler.bin", weights_only=True)
+    assert "torch_manual_seed" in load(path / "random_states_0.pkl")

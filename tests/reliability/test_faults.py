@@ -12,13 +12,19 @@ dist_train/run/checkpoint.py), in a fork of the test process (no seconds of impo
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
 from procs import cli_forked, cli_here
-from rel_helpers import bitwise_equal, events, rel_data, rel_recipe, weights  # noqa: F401
+from rel_helpers import (  # noqa: F401
+    assert_checkpoint_loads,
+    bitwise_equal,
+    events,
+    rel_data,
+    rel_recipe,
+    weights,
+)
 
 from dist_train.run.checkpoint import FAULT_POINTS
 
@@ -41,20 +47,6 @@ def _train(recipe: Path, run: Path) -> list[str]:
 def _complete(run: Path) -> list[str]:
     ckpts = (run / "checkpoints").glob("step-*")
     return sorted(p.name for p in ckpts if (p / "COMPLETE").is_file())
-
-
-def _loads(path: Path) -> None:
-    """Every file of a complete checkpoint loads, safely, and holds what it should."""
-    import torch
-    from accelerate.utils import load
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "train_state.json").read_text())
-    assert state["step"] == int(path.name.split("-")[1])
-    assert load_file(str(path / "model.safetensors"))
-    assert torch.load(path / "optimizer.bin", weights_only=True)["state"]
-    assert "last_epoch" in torch.load(path / "scheduler.bin", weights_only=True)
-    assert "torch_manual_seed" in load(path / "random_states_0.pkl")
 
 
 def test_killed_mid_epoch_then_resumed_is_bitwise_exact(rel_recipe, reference_run, tmp_path):
@@ -105,7 +97,7 @@ def test_a_save_killed_at_any_stage_leaves_a_loadable_latest(
     sealed = point == "after-marker"
     assert _complete(run) == ["step-000007", "step-000014"][: 2 if sealed else 1]
     for name in _complete(run):
-        _loads(ckpts / name)
+        assert_checkpoint_loads(ckpts / name)
 
     r = cli_here(*_train(rel_recipe, run))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from procs import cli_forked, cli_here
 from rel_helpers import (  # noqa: F401 (fixtures)
+    assert_checkpoint_loads,
     bitwise_equal,
     events,
     logged_steps,
@@ -47,22 +48,6 @@ OVERRIDES = [
 
 def _complete(ckpts: Path) -> list[Path]:
     return sorted(p for p in ckpts.glob("step-*") if (p / "COMPLETE").is_file())
-
-
-def _loads(path: Path) -> None:
-    """Every file of a complete checkpoint loads (safely) and holds what it should."""
-    import json
-
-    import torch
-    from accelerate.utils import load
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "train_state.json").read_text())
-    assert state["step"] == int(path.name.split("-")[1])
-    assert load_file(str(path / "model.safetensors"))
-    assert torch.load(path / "optimizer.bin", weights_only=True)["state"]
-    assert "last_epoch" in torch.load(path / "scheduler.bin", weights_only=True)
-    assert "torch_manual_seed" in load(path / "random_states_0.pkl")
 
 
 def _fresh(paths, since: float) -> list[Path]:
@@ -147,7 +132,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(
         _check_resume_line(_text(out), expected, incomplete)
         assert not (run / "model.safetensors").exists()
         for path in _complete(ckpts):
-            _loads(path)
+            assert_checkpoint_loads(path)
     print(
         f"\n  {KILLS} kills: {dict(kinds)}; {during_save} left a partial save behind; "
         f"latest complete: {_complete(ckpts)[-1].name if _complete(ckpts) else None}"
