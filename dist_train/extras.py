@@ -1,6 +1,8 @@
-"""Optional extras: wandb, tensorboard and matplotlib are not installed with dist-train itself.
+"""Optional extras: wandb, tensorboard, matplotlib and transformers are not installed with
+dist-train itself.
 
-`pip install 'dist-train[wandb]'`, `[tensorboard]`, `[report]` (matplotlib) or `[all]`. Each is
+`pip install 'dist-train[wandb]'`, `[tensorboard]`, `[report]` (matplotlib), `[hf]`
+(transformers) or `[all]`. Each is
 imported only where it is used; a recipe or command that needs a missing one fails with exit 2
 and the install line, before any training starts where it can be known then (stdlib only:
 finding a package does not import it).
@@ -14,7 +16,12 @@ import os
 from dist_train.errors import UserError
 
 # importable module -> the extra that installs it
-EXTRA = {"wandb": "wandb", "tensorboard": "tensorboard", "matplotlib": "report"}
+EXTRA = {
+    "wandb": "wandb",
+    "tensorboard": "tensorboard",
+    "matplotlib": "report",
+    "transformers": "hf",
+}
 
 
 def require(module: str, needed_by: str) -> None:
