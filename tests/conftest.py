@@ -21,12 +21,20 @@ from procs import cli, cli_here
 SLURM_FIXTURES = {"slurm_cluster", "slurm_jobs"}
 
 
+# tryfirst: the xdist_group mark must be on the item before pytest-xdist's own hook reads it.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # A test that needs the cluster is a SLURM test whatever its module says: the marker can
-    # not be forgotten, so `-m "not slurm"` never installs SLURM.
     for item in items:
+        # A test that needs the cluster is a SLURM test whatever its module says: the marker
+        # can not be forgotten, so `-m "not slurm"` never installs SLURM.
         if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slurm)
+        # `make test` runs two pytest-xdist workers with --dist loadgroup: every SLURM test goes
+        # to ONE worker, which starts the one local cluster (a session fixture) and runs them
+        # in order while the other worker takes the rest; their waits on slurmctld overlap
+        # with CPU-bound tests instead of adding to the wall time.
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")
