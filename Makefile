@@ -23,11 +23,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/dist-train train recipes/digits_cnn.yaml
 
-# Two pytest-xdist workers (TEST_WORKERS=1 for one): the SLURM tests stay together on one
+# Two pytest-xdist workers (TEST_WORKERS=0 for none): the SLURM tests stay together on one
 # worker (tests/conftest.py), the rest are spread over both. --durations lists the slowest.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25
 
 # DIST_TRAIN_TEST_FAST=1: a test that launches torchrun/ranks or SLURM here fails, naming the
 # marker it lacks (tests/procs.py), instead of quietly slowing the loop down.

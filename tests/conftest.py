@@ -21,20 +21,31 @@ from procs import cli, cli_here
 SLURM_FIXTURES = {"slurm_cluster", "slurm_jobs"}
 
 
-# tryfirst: the xdist_group mark must be on the item before pytest-xdist's own hook reads it.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that needs the cluster is a SLURM test whatever its module says: the marker can
+    # not be forgotten, so `-m "not slurm"` never installs SLURM.
     for item in items:
-        # A test that needs the cluster is a SLURM test whatever its module says: the marker
-        # can not be forgotten, so `-m "not slurm"` never installs SLURM.
         if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slurm)
-        # `make test` runs two pytest-xdist workers with --dist loadgroup: every SLURM test goes
-        # to ONE worker, which starts the one local cluster (a session fixture) and runs them
-        # in order while the other worker takes the rest; their waits on slurmctld overlap
-        # with CPU-bound tests instead of adding to the wall time.
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
+SLURM_DIR = "tests/slurm/"  # every test that uses the cluster lives here (test_layout checks it)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` runs two pytest-xdist workers. Every test under tests/slurm/ goes to ONE
+    worker, as one unit handed out first: it starts the one local cluster (a session fixture)
+    and runs the SLURM tests in order, its waits on slurmctld overlapping with the CPU-bound
+    tests the other worker takes one at a time. (xdist's own `--dist loadgroup` marks do not
+    reach its scheduler under pytest 9.2, whose node ids no longer come from `_nodeid`.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.startswith(SLURM_DIR) else nodeid
+
+    return SlurmTogether(config, log)
 
 
 @pytest.fixture(scope="session")

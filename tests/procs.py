@@ -38,9 +38,14 @@ def command(args: list[str], nproc: int = 1) -> list[str]:
     """`python -m dist_train ARGS`, or torchrun with `nproc` gloo ranks on a free port."""
     if nproc == 1:
         return [sys.executable, "-m", "dist_train", *args]
+    return [*torchrun(nproc), "-m", "dist_train", *args]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The torchrun launcher for `nproc` gloo ranks on a free port (append a script or -m)."""
     forbid_in_fast_loop(f"a {nproc}-process torchrun launch")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    return [*launcher, "--master_port", str(free_port()), "-m", "dist_train", *args]
+    return [*launcher, "--master_port", str(free_port())]
 
 
 def cli(*args: str, nproc: int = 1, timeout: float = 300, **extra_env: str):

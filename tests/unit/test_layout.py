@@ -61,3 +61,17 @@ def test_each_subpackage_registers_its_own_subcommands():
     assert {"train", "check", "summary", "eval", "predict", "report", "schema", "submit"} <= set(
         seen
     )
+
+
+def test_cluster_tests_live_in_tests_slurm():
+    """`make test`'s xdist scheduler (tests/conftest.py) keeps tests/slurm/ on one worker, the
+    one that starts the local cluster: a test elsewhere that asks for it would start a second."""
+    asks = re.compile(r"\bslurm_(jobs|cluster)\b|mark\.slurm\b")
+    outside = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("*.py")
+        if "slurm" not in p.relative_to(ROOT / "tests").parts[:1]
+        and p.name != "conftest.py"
+        and asks.search(p.read_text())
+    ]
+    assert outside == [], f"move these SLURM tests under tests/slurm/: {outside}"
