@@ -96,6 +96,22 @@ class AugmentConfig(Strict):
         None, description="random zoom range, e.g. [0.9, 1.1] (images; random crop/resize)"
     )
     noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the features")
+    mixup: float = Field(
+        0.0,
+        ge=0,
+        description="mixup Beta(alpha, alpha) alpha (0: off): each row blended with a partner "
+        "row, soft targets; classification only",
+    )
+    cutmix: float = Field(
+        0.0,
+        ge=0,
+        description="CutMix alpha (0: off): a partner's box pasted into each image, targets "
+        "mixed by area; image rows [C, H, W] only",
+    )
+    mix_prob: float = Field(1.0, ge=0, le=1, description="share of rows mixup/cutmix applies to")
+    switch_prob: float = Field(
+        0.5, ge=0, le=1, description="with both mixup and cutmix: share of rows given cutmix"
+    )
 
 
 class DataConfig(Strict):
