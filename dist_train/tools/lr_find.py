@@ -38,12 +38,13 @@ class LrFind:
     median: list[float] = field(default_factory=list)  # centred running median (suggestion)
     stopped: str = "steps"  # steps | diverged | nonfinite
     world_size: int = 1
+    key: str = "optimizer.lr"  # the recipe key the swept lr stands for
     steepest: float | None = None  # lr where the median curve falls fastest
     min_over_10: float | None = None  # lr of the median curve's minimum, divided by 10
     suggestion: float | None = None  # = min_over_10 (see `suggest`)
 
     def override(self) -> str:
-        return f"optimizer.lr={self.suggestion:.3g}"
+        return f"{self.key}={self.suggestion:.3g}"
 
 
 def lr_find(recipe: Recipe, start: float, end: float, steps: int) -> LrFind:
@@ -68,13 +69,18 @@ def lr_find(recipe: Recipe, start: float, end: float, steps: int) -> LrFind:
     built = build_components(recipe, acc)  # collective inside: rank 0 loads data first
     loader = make_loader(built.data.train, plan.per_device, True, True, seed=recipe.seed)
     model, optimizer, loader = acc.prepare(built.model, built.optimizer, loader)
-    # Each group's lr relative to optimizer.lr (param_groups overrides keep their ratio).
-    ratio = [g["initial_lr"] / recipe.optimizer.lr for g in optimizer.param_groups]
+    # Each group's peak lr relative to the recipe's (param_groups overrides keep their ratio);
+    # onecycle with max_lr peaks at max_lr, so that is the key the sweep tunes there.
+    result = LrFind(world_size=acc.num_processes)
+    peak = recipe.optimizer.lr
+    if recipe.scheduler.name == "onecycle" and recipe.scheduler.max_lr:
+        result.key, peak = "scheduler.max_lr", recipe.scheduler.max_lr
+    ratio = [g["initial_lr"] / peak for g in optimizer.param_groups]
     stepper = Stepper(acc, model, optimizer, built.head, recipe.train)
     mixer = make_mixer(recipe, loader.dataset, built.data.num_classes)
     accum, aug, rank = recipe.train.grad_accum, recipe.data.augment, acc.process_index
     grow = (end / start) ** (1 / (steps - 1))
-    result, avg, best = LrFind(world_size=acc.num_processes), 0.0, math.inf
+    avg, best = 0.0, math.inf
     step, epoch = 0, 0
     while step < steps:
         loader.set_epoch(epoch)
@@ -210,7 +216,7 @@ def report(result: LrFind, recipe_path: str, overrides: list[str], files: list[P
         "diverged": f"stopped: smoothed loss > {DIVERGE:g}x its minimum",
         "nonfinite": "stopped: non-finite loss",
     }[result.stopped]
-    rest = " ".join(o for o in overrides if not o.startswith("optimizer.lr="))
+    rest = " ".join(o for o in overrides if not o.startswith(f"{result.key}="))
     lines = [
         f"lr-find: {len(result.lrs)} steps on {result.world_size} process(es), lr "
         f"{result.lrs[0]:.2g} .. {result.lrs[-1]:.2g} ({why})",

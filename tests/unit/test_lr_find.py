@@ -78,3 +78,18 @@ def test_bad_range_exits_2():
 
     r = cli_here("lr-find", "recipes/wine_mlp.yaml", "--start", "1", "--end", "0.1")
     assert r.returncode == 2 and "--start" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_onecycle_with_max_lr_suggests_max_lr(tmp_path):
+    """onecycle peaks at scheduler.max_lr: that is the key the sweep tunes and the line names."""
+    from procs import cli_here
+
+    r = cli_here(
+        "lr-find", "recipes/wine_mlp.yaml", "scheduler={name: onecycle, max_lr: 0.01}",
+        "--steps", "6", "--start", "1e-4", "--end", "1e-2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "lr_find.json").read_text())
+    assert result["key"] == "scheduler.max_lr" and len(result["lrs"]) == 6
+    assert result["lrs"][0] == 1e-4 and abs(result["lrs"][-1] - 1e-2) < 1e-12
+    assert f"override: scheduler.max_lr={result['suggestion']:.3g}" in r.stdout
