@@ -227,4 +227,6 @@ def report(result: LrFind, recipe_path: str, overrides: list[str], files: list[P
         f"  dist-train train {recipe_path} {(rest + ' ') if rest else ''}{result.override()}",
         *[f"wrote {f}" for f in files],
     ]
+    if not any(f.suffix == ".png" for f in files):
+        lines.append("no plot: matplotlib is not installed (pip install 'dist-train[report]')")
     return "\n".join(lines)

@@ -93,3 +93,13 @@ def test_onecycle_with_max_lr_suggests_max_lr(tmp_path):
     assert result["key"] == "scheduler.max_lr" and len(result["lrs"]) == 6
     assert result["lrs"][0] == 1e-4 and abs(result["lrs"][-1] - 1e-2) < 1e-12
     assert f"override: scheduler.max_lr={result['suggestion']:.3g}" in r.stdout
+
+
+def test_without_matplotlib_the_result_is_written_and_the_plot_named(tmp_path):
+    from test_extras import _cli_without
+
+    args = ["lr-find", "recipes/wine_mlp.yaml", "--steps", "4", "--out", str(tmp_path)]
+    r = _cli_without(["matplotlib"], *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_find.json"]
+    assert "pip install 'dist-train[report]'" in r.stdout
