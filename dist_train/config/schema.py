@@ -86,7 +86,8 @@ Layer = Annotated[LayerSpec, BeforeValidator(_layer)]
 
 
 class AugmentConfig(Strict):
-    """Per-batch augmentation of the training split (vectorised; distinct draws per rank/step)."""
+    """Per-batch augmentation of the training split, vectorised. shift/flip/rotation/scale/noise
+    draw per rank and step; mixup/cutmix per row and epoch (world-size invariant)."""
 
     shift: int = Field(0, ge=0, description="max random translation in pixels (images)")
     flip: bool = Field(False, description="random horizontal flip (images)")
