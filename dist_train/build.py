@@ -61,6 +61,9 @@ def build_components(
         notes = prepare_finetune(model, recipe.finetune, main)  # before wrapping: freeze holds
     if not optimizer:
         return Components(data, head, model, notes)
+    from dist_train.data.mix import check_mixing
+
+    check_mixing(recipe, data.input_shape)  # train/check/lr-find: mixup needs class targets
     from dist_train.training.distributed import configure_ddp, place_model
 
     if accelerator is not None and accelerator.num_processes > 1:

@@ -86,7 +86,8 @@ Layer = Annotated[LayerSpec, BeforeValidator(_layer)]
 
 
 class AugmentConfig(Strict):
-    """Per-batch augmentation of the training split (vectorised; distinct draws per rank/step)."""
+    """Per-batch augmentation of the training split, vectorised. shift/flip/rotation/scale/noise
+    draw per rank and step; mixup/cutmix per row and epoch (world-size invariant)."""
 
     shift: int = Field(0, ge=0, description="max random translation in pixels (images)")
     flip: bool = Field(False, description="random horizontal flip (images)")
@@ -96,6 +97,22 @@ class AugmentConfig(Strict):
         None, description="random zoom range, e.g. [0.9, 1.1] (images; random crop/resize)"
     )
     noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the features")
+    mixup: float = Field(
+        0.0,
+        ge=0,
+        description="mixup Beta(alpha, alpha) alpha (0: off): each row blended with a partner "
+        "row, soft targets; classification only",
+    )
+    cutmix: float = Field(
+        0.0,
+        ge=0,
+        description="CutMix alpha (0: off): a partner's box pasted into each image, targets "
+        "mixed by area; image rows [C, H, W] only",
+    )
+    mix_prob: float = Field(1.0, ge=0, le=1, description="share of rows mixup/cutmix applies to")
+    switch_prob: float = Field(
+        0.5, ge=0, le=1, description="with both mixup and cutmix: share of rows given cutmix"
+    )
 
 
 class DataConfig(Strict):

@@ -1,4 +1,5 @@
-"""`dist-train check | summary | eval | predict`: look at a recipe or a trained model."""
+"""`dist-train check | summary | eval | predict | lr-find`: look at a recipe or a trained
+model, or try learning rates on it."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         p.add_argument("-o", "--output", help="output file (eval: JSON, predict: CSV)")
         p.set_defaults(func=cmd_eval if name == "eval" else cmd_predict)
+    p = sub.add_parser(
+        "lr-find", help="learning-rate range test: loss vs exponentially growing lr, a suggestion"
+    )
+    add_recipe_args(p)
+    p.add_argument("--start", type=float, default=1e-7, help="first lr (default 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last lr (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps at most (default 100)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override"
+    )
+    p.add_argument("--out", help="where the plot and lr_find.json go (default: a temp dir)")
+    p.add_argument(
+        "--write-override",
+        action="store_true",
+        help="also write the suggested `optimizer.lr=...` line to OUT/override.txt",
+    )
+    p.set_defaults(func=cmd_lr_find)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -63,3 +81,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     code = run_predict(args)
     leave_process_group()  # same reason as eval
     return code
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dist_train.config.recipe import load_recipe
+    from dist_train.errors import is_main_rank
+    from dist_train.tools.lr_find import default_out, lr_find, report, write
+
+    overrides = [*args.overrides, *args.set]
+    recipe = load_recipe(args.recipe, overrides)
+    result = lr_find(recipe, args.start, args.end, args.steps)  # on every rank
+    if is_main_rank():  # one writer: the same result on every rank
+        out = Path(args.out) if args.out else default_out(recipe.name)
+        files = write(result, out, recipe, args.write_override)
+        print(report(result, args.recipe, overrides, files), flush=True)
+    leave_process_group()  # every rank ran the same steps: leave the group together
+    return 0

@@ -21,6 +21,7 @@ from dist_train.config.base import better, default_mode
 from dist_train.config.schema import Recipe
 from dist_train.data.augment import augment_batch, augment_generator
 from dist_train.data.loaders import fast_batches, make_loader
+from dist_train.data.mix import make_mixer
 from dist_train.errors import CollectiveFailure
 from dist_train.run.rundir import RunPlan, agree_run_dir, materialize_run_dir
 from dist_train.run.runlog import open_log, run_info
@@ -150,6 +151,7 @@ class Trainer:
             built.model, built.optimizer, train_dl, built.scheduler
         )
         self.valid_dl = acc.prepare(valid_dl) if valid_dl is not None else None
+        self.mixer = make_mixer(recipe, self.train_dl.dataset, self.data.num_classes)
         self.state = TrainState(world_size=acc.num_processes)
         if self.run.resume_from:  # collective: every rank loads its part of the same step
             self.state = resume(acc, Path(self.run.resume_from), self.state)
@@ -202,6 +204,8 @@ class Trainer:
                 break  # tail shorter than one accumulation group: dropped (see drop_last)
             if self.audit is not None:
                 self.audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
+            if self.mixer is not None:  # draws keyed on (seed, epoch, row): world-size invariant
+                x, y = self.mixer(x, y, idx, epoch)
             if recipe.data.augment:  # seeded per (step, micro-batch, rank): resumable
                 gen = augment_generator(recipe.seed, state.step, micro % accum, acc.process_index)
                 x = augment_batch(x, recipe.data.augment, gen)
