@@ -57,9 +57,9 @@ def test_mid_epoch_eval_and_average_resume_bitwise(rel_recipe, reference_run, tm
     assert r.returncode == 0, r.stderr[-3000:]
     resumed_at = int(r.stdout.split("checkpoints/step-")[1][:6])
     assert 20 < resumed_at < 28  # inside epoch 2, after the evaluation at step 25 or 20
-    assert [
-        (e["step"], e["valid/loss"], e["weights"]) for e in events(run, "eval")
-    ] == [(e["step"], e["valid/loss"], e["weights"]) for e in ref_evals]
+    assert [(e["step"], e["valid/loss"], e["weights"]) for e in events(run, "eval")] == [
+        (e["step"], e["valid/loss"], e["weights"]) for e in ref_evals
+    ]
     assert bitwise_equal(weights(run / "model.safetensors"), weights(ref / "model.safetensors"))
     mine, theirs = _final_checkpoint(run), _final_checkpoint(ref)
     assert mine.name == theirs.name
