@@ -157,8 +157,8 @@ class WeightAverage:
             meta = fh.metadata() or {}
         if meta.get("kind") != self.kind:
             return (
-                f"note: {path} holds a {meta.get('kind')} average, the recipe asks for "
-                f"{self.kind}; the {self.kind} starts now"
+                f"note: {path} was written for train.{meta.get('kind')}, the recipe asks for "
+                f"train.{self.kind}; the {self.kind} starts now"
             )
         try:
             self.module.load_state_dict(load_file(str(path)))

@@ -327,6 +327,8 @@ class Trainer:
         """The end-of-run table, model.safetensors and run.json's final status."""
         self.log.summary(self.result, self.state.best_step)  # main process only
         averaged = self.average is not None and self.average.count > 0
+        if self.average is not None and not averaged:
+            self.log.info(f"no {self.average.kind} snapshot was taken: exporting the raw weights")
         export(
             self.accelerator,  # collective barrier inside, then main process only
             self.average.module if averaged else self.model,

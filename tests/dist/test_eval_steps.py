@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 # Evaluations every 5 steps drive a plateau schedule, early stopping and the best checkpoint;
 # the EMA is what they evaluate and what is exported.
 ARGS = [
+    "train.epochs=2",  # 40 steps: the kill at 28 is mid-epoch 2
     "train.eval_every_steps=5",
     "scheduler={name: plateau, monitor: valid/accuracy, patience: 0, factor: 0.5}",
     "train.early_stopping={monitor: valid/loss, patience: 6}",

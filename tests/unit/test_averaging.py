@@ -144,6 +144,30 @@ def test_swa_averages_the_epoch_ends_from_start_epoch(tmp_path):
     assert [(e["step"], e["weights"]) for e in evals] == [(15, "raw"), (30, "swa"), (45, "swa")]
 
 
+def test_checkpoints_without_or_with_a_broken_average(tmp_path):
+    """A checkpoint from before the average (or of the other kind) starts it afresh with a
+    notice; a torn file is a one-paragraph error naming it."""
+    from safetensors.torch import save_file
+
+    from dist_train.errors import UserError
+
+    net = _toy()
+    ema = WeightAverage(net, "ema", decay=0.9)
+    assert "holds no averaged weights; the ema starts now" in ema.load(tmp_path)
+    _train_steps(net, [ema], steps=2)
+    ema.write(tmp_path)
+    swa = WeightAverage(net, "swa")
+    assert "written for train.ema, the recipe asks for train.swa" in swa.load(tmp_path)
+    assert swa.count == 0
+    again = WeightAverage(_toy(), "ema", decay=0.9)
+    assert again.load(tmp_path) is None and again.count == 2
+    state = ema.module.state_dict()
+    assert all(torch.equal(v, again.module.state_dict()[k]) for k, v in state.items())
+    save_file({"0.weight": torch.zeros(1)}, str(tmp_path / AVERAGED_FILE), {"kind": "ema"})
+    with pytest.raises(UserError, match=f"{AVERAGED_FILE} cannot be loaded"):
+        WeightAverage(net, "ema").load(tmp_path)
+
+
 BAD = [
     (["train.ema.decay=1.0"], "train.ema.decay"),
     (["train.ema.decay=0"], "train.ema.decay"),
