@@ -196,7 +196,5 @@ class ProfileConfig(Strict):
     wait: int = Field(1, ge=0, description="optimizer steps skipped before profiling")
     warmup: int = Field(1, ge=0, description="steps profiled but discarded (warm caches)")
     active: int = Field(3, ge=1, description="steps recorded into the trace")
-    ranks: list[int] = Field(
-        default_factory=lambda: [0], min_length=1, description="ranks that profile"
-    )
+    ranks: list[int] = Field([0], min_length=1, description="ranks that profile")
     row_limit: int = Field(20, ge=1, description="rows of the printed top-ops table")

@@ -270,7 +270,7 @@ class TrainConfig(Strict):
         "eval_every_steps is given",
     )
     eval_every_steps: int | None = Field(
-        None, ge=1, description="also validate every N optimizer steps (counted over the run)"
+        None, ge=1, description="validate every N optimizer steps (counted over the run)"
     )
     stop_check_every_steps: int = Field(
         10,
