@@ -1,4 +1,5 @@
-"""Run-level recipe sections: checkpoints, fine-tuning, trackers, SLURM defaults, sweeps."""
+"""Run-level recipe sections: checkpoints, fine-tuning, trackers, SLURM defaults, sweeps, and
+the training loop's add-ons (weight averaging, profiling)."""
 
 from __future__ import annotations
 
@@ -163,3 +164,37 @@ class SweepConfig(Strict):
         if self.direction is None:
             self.direction = default_mode(self.metric)
         return self
+
+
+class EmaConfig(Strict):
+    """Exponential moving average of the weights (evaluated and exported instead of them)."""
+
+    decay: float = Field(
+        0.999, gt=0, lt=1, description="ema = decay * ema + (1 - decay) * weights, per update"
+    )
+    every_steps: int = Field(1, ge=1, description="optimizer steps between updates")
+
+
+class SwaConfig(Strict):
+    """Stochastic weight averaging: the equal-weight mean of the weights from an epoch on."""
+
+    start_epoch: int = Field(
+        ge=1,
+        description="first epoch (counted from 1, as printed) whose weights enter the average",
+    )
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="average every N optimizer steps from start_epoch on (default: at the end "
+        "of each epoch)",
+    )
+
+
+class ProfileConfig(Strict):
+    """torch.profiler over a few optimizer steps: a chrome trace and a top-ops table."""
+
+    wait: int = Field(1, ge=0, description="optimizer steps skipped before profiling")
+    warmup: int = Field(1, ge=0, description="steps profiled but discarded (warm caches)")
+    active: int = Field(3, ge=1, description="steps recorded into the trace")
+    ranks: list[int] = Field([0], min_length=1, description="ranks that profile")
+    row_limit: int = Field(20, ge=1, description="rows of the printed top-ops table")

@@ -22,8 +22,11 @@ from dist_train.config.layers import LAYERS, LayerSpec, ModuleArgs, parse_layer
 from dist_train.config.run import (
     BestCheckpoint,
     CheckpointConfig,
+    EmaConfig,
     FinetuneConfig,
+    ProfileConfig,
     SlurmConfig,
+    SwaConfig,
     SweepConfig,
     SweepParam,
     TrackingConfig,
@@ -277,7 +280,15 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm")
     early_stopping: EarlyStopping | None = Field(None, description="stop when a metric stalls")
     log_every_steps: int = Field(50, ge=1, description="optimizer steps between train log lines")
-    eval_every_epochs: int = Field(1, ge=1, description="epochs between validations")
+    eval_every_epochs: int = Field(
+        1,
+        ge=0,
+        description="epochs between validations (0: none at epoch ends); 0 by default when "
+        "eval_every_steps is given",
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="validate every N optimizer steps (counted over the run)"
+    )
     stop_check_every_steps: int = Field(
         10,
         ge=1,
@@ -305,6 +316,15 @@ class TrainConfig(Strict):
         description="a rank waiting longer than this for the others fails "
         "with a report of which rank stopped answering",
     )
+    ema: EmaConfig | None = Field(
+        None, description="evaluate and export an exponential moving average of the weights"
+    )
+    swa: SwaConfig | None = Field(
+        None, description="evaluate and export the stochastic weight average (SWA)"
+    )
+    profile: ProfileConfig | None = Field(
+        None, description="torch.profiler trace of a few steps into RUN_DIR/profile"
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:
@@ -313,7 +333,23 @@ class TrainConfig(Strict):
         error = batch_split_error(self.batch_size, 1, self.grad_accum)
         if error:
             raise ValueError(error)
+        _check_added_loop_keys(self)
         return self
+
+
+def _check_added_loop_keys(t: TrainConfig) -> None:
+    """Evaluation cadence and weight averaging (training/cadence.py, training/ema.py)."""
+    # Step cadence replaces the per-epoch one unless both are asked for (as in HF's
+    # eval_strategy="steps" and Lightning's integer val_check_interval).
+    if t.eval_every_steps and "eval_every_epochs" not in t.model_fields_set:
+        t.eval_every_epochs = 0
+    if t.ema and t.swa:
+        raise ValueError("train.swa: give one of train.ema or train.swa (one average is kept)")
+    if t.swa and t.swa.start_epoch > t.epochs:
+        raise ValueError(
+            f"train.swa.start_epoch: {t.swa.start_epoch} is after the last epoch "
+            f"(train.epochs {t.epochs}), so nothing would be averaged; choose 1..{t.epochs}"
+        )
 
 
 class Recipe(Strict):
@@ -343,7 +379,16 @@ class Recipe(Strict):
         _check_loss_vs_task(self)
         _check_output_layer(self)
         _check_metrics(self)
+        _check_validation_data(self)
         return self
+
+
+def _check_validation_data(r: Recipe) -> None:
+    if r.train.eval_every_steps and not r.data.valid_source and r.data.valid_fraction == 0:
+        raise ValueError(
+            "train.eval_every_steps: there is no validation data to evaluate (data.valid_fraction "
+            "is 0 and no data.valid_source); give one of them, or remove eval_every_steps"
+        )
 
 
 def _check_loss_vs_task(r: Recipe) -> None:

@@ -58,8 +58,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int, protect: int | None):
+def save_checkpoint(
+    accelerator, run_dir: Path, state: dict, keep: int, protect: int | None, extra=None
+):
     """Collective: every rank must call it at the same step (each writes its own RNG state).
+    `extra(directory)`, if given, writes more files (the main process, before the fsync).
 
     A write that fails on any rank (a full disk above all) fails on every rank alike: the
     failures are agreed with an all-reduce, the temp dir is removed, the previous complete
@@ -86,6 +89,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int, protect:
     def seal() -> None:
         if not accelerator.is_main_process:
             return
+        if extra is not None:
+            extra(tmp)
         _write_json(tmp / STATE_FILE, state)
         _fault("before-fsync", step, rank)
         _fsync_tree(tmp)

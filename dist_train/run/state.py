@@ -34,14 +34,18 @@ class TrainState:
     best_step: int | None = None
     es_best: float | None = None  # best early-stopping monitor value so far
     stale_evals: int = 0  # evaluations without improvement (early stopping)
+    last_eval_step: int | None = None  # step of the latest evaluation (each step counts once)
     nonfinite_streak: int = 0  # consecutive steps skipped for a NaN/inf gradient
     run_id: str | None = None  # tracker run continued after resume
     history: list = field(default_factory=list)  # world sizes this run has used
 
 
-def save(accelerator, run_dir: Path, keep: int, state: TrainState) -> Path:
-    """Collective: the synchronized, atomic full-state save (every rank, same step)."""
-    return checkpoint.save_checkpoint(accelerator, run_dir, asdict(state), keep, state.best_step)
+def save(accelerator, run_dir: Path, keep: int, state: TrainState, extra=None) -> Path:
+    """Collective: the synchronized, atomic full-state save (every rank, same step). `extra`
+    writes more files into the checkpoint directory (main process; e.g. averaged weights)."""
+    return checkpoint.save_checkpoint(
+        accelerator, run_dir, asdict(state), keep, state.best_step, extra
+    )
 
 
 def resume(accelerator, path: Path, state: TrainState) -> TrainState:
@@ -91,8 +95,11 @@ def check_rng_file(path: Path, rank: int) -> None:
         ) from None
 
 
-def export(accelerator, model, run_dir: Path, recipe, data, state: TrainState, result: dict):
-    """model.safetensors from the unwrapped model (no `module.` prefix), then run.json done."""
+def export(
+    accelerator, model, run_dir: Path, recipe, data, state: TrainState, result: dict, weights="raw"
+):
+    """model.safetensors from the unwrapped model (no `module.` prefix), then run.json done.
+    `weights` says which (raw, or an average: training/ema.py); it goes into the metadata."""
     accelerator.wait_for_everyone()  # collective: all ranks finished their last step
     if not accelerator.is_main_process:
         return
@@ -103,6 +110,7 @@ def export(accelerator, model, run_dir: Path, recipe, data, state: TrainState, r
         "classes": json.dumps(data.classes),
         "task": recipe.data.task,
         "step": str(state.step),
+        "weights": weights,
     }
     checkpoint.export_model(net.state_dict(), run_dir / "model.safetensors", meta)
     info = json.loads((run_dir / "run.json").read_text())

@@ -26,11 +26,13 @@ from dist_train.errors import CollectiveFailure
 from dist_train.run.rundir import RunPlan, agree_run_dir, materialize_run_dir
 from dist_train.run.runlog import open_log, run_info
 from dist_train.run.state import TrainState, export, resume, save
-from dist_train.training import signals
+from dist_train.training import cadence, signals
 from dist_train.training.distributed import agree_any, from_main, make_accelerator, plan_batches
+from dist_train.training.ema import WeightAverage
 from dist_train.training.evaluate import evaluate
 from dist_train.training.flops import peak_tflops, train_flops_per_sample
 from dist_train.training.optim import logged_lrs
+from dist_train.training.profile import StepProfiler, check_ranks
 from dist_train.training.step import StepOutput, Stepper, handle_nonfinite
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class Trainer:
     per_epoch: int  # optimizer steps per epoch
     flops_per_sample: float | None  # training FLOPs (3x forward), for model_tflops / mfu
     peak_tflops: float | None  # per process, for mfu
+    average: WeightAverage | None  # train.ema / train.swa: evaluated and exported when it exists
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class Trainer:
         self.loss_sum = torch.zeros(())  # train loss summed on device since the last log line
         self.n_loss = 0  # micro-batches in loss_sum
         self.tick = 0.0  # when the current log interval's training time started
+        self.profiler: StepProfiler | None = None
 
     def setup(self) -> None:
         """Accelerator, run directory plan, the build, prepare(), resume, the run's log."""
@@ -128,6 +132,7 @@ class Trainer:
         # so a rerun is bitwise identical; a resume restores them from the checkpoint.
         set_seed(recipe.seed, device_specific=True)
         plan = plan_batches(recipe, acc.num_processes)
+        check_ranks(t.profile, acc.num_processes)
         # Collective: rank 0 decides where the run goes (nothing is written yet).
         self.run = agree_run_dir(acc, recipe, self.output_dir, self.restart, self.allow_changed)
         self.run_dir = Path(self.run.run_dir)
@@ -155,9 +160,14 @@ class Trainer:
         self.state = TrainState(world_size=acc.num_processes)
         if self.run.resume_from:  # collective: every rank loads its part of the same step
             self.state = resume(acc, Path(self.run.resume_from), self.state)
+        self.average = WeightAverage.from_recipe(t, acc.unwrap_model(self.model))
+        resumed = self.average is not None and self.run.resume_from
+        notice = self.average.load(Path(self.run.resume_from)) if resumed else None
         info = run_info(acc, recipe, plan, self.total, self.per_epoch, self.model)
         info |= {"train_flops_per_sample": self.flops_per_sample, "peak_tflops": self.peak_tflops}
         self.log = open_log(acc, self.run, recipe, self.state, info, built.notes)
+        if self.average is not None:
+            self.log.info(notice or self.average.describe())
         self.stepper = Stepper(acc, self.model, self.optimizer, self.head, t)
         self.metrics = self._metric_set()
         self.heartbeat = signals.Heartbeat(acc.process_index, acc.num_processes)
@@ -169,6 +179,10 @@ class Trainer:
         signals.install()  # no-op if the CLI already did (a start-up signal still counts)
         self.loss_sum = torch.zeros((), device=self.accelerator.device)  # no sync per step
         self.tick = time.perf_counter()
+        acc = self.accelerator
+        self.profiler = StepProfiler(
+            t.profile, self.run_dir, acc.process_index, acc.device, state.step
+        )
         stop = None
         for epoch in range(state.epoch, t.epochs):
             stop = self.run_epoch(epoch)
@@ -178,7 +192,10 @@ class Trainer:
             end_of_epoch = state.step_in_epoch >= self.per_epoch
             if end_of_epoch:
                 state.epoch, state.step_in_epoch = epoch + 1, 0
-            if self.valid_dl is not None and (stop or (epoch + 1) % t.eval_every_epochs == 0):
+            if end_of_epoch and self.average and self.average.due_at_epoch_end(epoch):
+                self.average.update()  # SWA at each epoch end (no collective)
+            due = cadence.due_after_epoch(t, epoch, stop is not None)
+            if self.valid_dl is not None and due and state.last_eval_step != state.step:
                 stop = self.evaluate(epoch) or stop  # collective: every rank evaluates
             every = recipe.checkpoint.every_epochs
             if stop or (every and end_of_epoch and (epoch + 1) % every == 0):
@@ -237,15 +254,24 @@ class Trainer:
             self.scheduler.step()
         state.step += 1
         state.step_in_epoch += 1
+        if self.profiler is not None:
+            self.profiler.step()
+        if self.average is not None and self.average.due_after_step(state.step, state.epoch):
+            self.average.update()  # identical on every rank (the parameters are): no collective
         if state.step % t.log_every_steps == 0 or state.step == self.total:
             signals.set_phase(f"train-loss reduce at step {state.step}")
             self._log_train(out.norm)  # collective: the loss mean over all ranks
         else:
             self.log.advance()
         finished = state.step >= self.total
+        stopped = None
+        if self.valid_dl is not None and cadence.due_after_step(t, state.step):
+            paused = time.perf_counter()  # evaluation is not training time (samples/s)
+            stopped = self.evaluate(state.epoch)  # collective: every rank evaluates
+            self.tick += time.perf_counter() - paused
         every = recipe.checkpoint.every_steps
-        if every and state.step % every == 0 and not finished:
-            self.save("checkpoint save")  # collective: every rank, same step
+        if every and state.step % every == 0 and not (finished or stopped):
+            self.save("checkpoint save")  # collective: every rank, same step (after the eval)
         # A signal may hit one rank only: every stop_check_every_steps (every step on one
         # process) the ranks agree, so all of them stop at the same step.
         if acc.num_processes == 1 or state.step % t.stop_check_every_steps == 0:
@@ -253,19 +279,26 @@ class Trainer:
             signals.set_phase(f"stop-request all-reduce at step {state.step}")
             if agree_any(acc, signals.stop_requested()):  # collective: all-reduce max
                 return Stop.PREEMPTED
-        return Stop.FINISHED if finished else None
+        return Stop.FINISHED if finished or stopped else None
 
     def evaluate(self, epoch: int) -> Stop | None:
         """Exact validation metrics (every rank updates and computes), then the best-checkpoint
         and early-stopping decisions, made on rank 0 and broadcast."""
         state, t = self.state, self.recipe.train
         signals.set_phase(f"evaluation gather at step {state.step}")
-        result = evaluate(self.model, self.valid_dl, self.head, self.metrics, self.accelerator)
+        model, weights = self.model, "raw"
+        if self.average is not None and self.average.count:
+            self.average.sync_buffers(self.accelerator)  # collective (batch-norm models only)
+            model, weights = self.average.module, self.average.weights
+        result = evaluate(model, self.valid_dl, self.head, self.metrics, self.accelerator)
         self.result = result
+        state.last_eval_step = state.step
         self.scheduler.scheduler.observe(result)  # plateau: unwrap accelerate's wrapper
         samples = state.step * t.batch_size
-        self.log.event("eval", epoch=epoch, step=state.step, samples=samples, **result)
-        self.log.info(format_eval(epoch, result))
+        extra = {"weights": weights} if self.average is not None else {}
+        self.log.event("eval", epoch=epoch, step=state.step, samples=samples, **result, **extra)
+        mid_epoch = 0 < state.step_in_epoch < self.per_epoch
+        self.log.info(format_eval(epoch, result, state.step if mid_epoch else None, weights))
         improved, stop = self._decide(result)  # collective: rank 0's decision on every rank
         if improved and self.recipe.checkpoint.best:
             # The best step must exist as a checkpoint to be kept (also between every_* saves).
@@ -281,7 +314,8 @@ class Trainer:
     def save(self, what: str) -> Path:
         """Collective: the synchronized, atomic full-state save (every rank, same step)."""
         signals.set_phase(f"{what} at step {self.state.step}")
-        return save(self.accelerator, self.run_dir, self.recipe.checkpoint.keep, self.state)
+        extra = self.average.write if self.average is not None else None  # + averaged weights
+        return save(self.accelerator, self.run_dir, self.recipe.checkpoint.keep, self.state, extra)
 
     def preempt(self) -> None:
         """A stop signal: one synchronized save, the requeue marker, then `Preempted`."""
@@ -296,18 +330,24 @@ class Trainer:
     def export(self) -> None:
         """The end-of-run table, model.safetensors and run.json's final status."""
         self.log.summary(self.result, self.state.best_step)  # main process only
+        averaged = self.average is not None and self.average.count > 0
+        if self.average is not None and not averaged:
+            self.log.info(f"no {self.average.kind} snapshot was taken: exporting the raw weights")
         export(
             self.accelerator,  # collective barrier inside, then main process only
-            self.model,
+            self.average.module if averaged else self.model,
             self.run_dir,
             self.recipe,
             self.data,
             self.state,
             self.result,
+            weights=self.average.weights if averaged else "raw",
         )
 
     def teardown(self) -> None:
         """Close the log and audit file; give the signal handlers back (also after an error)."""
+        if self.profiler is not None:
+            self.profiler.stop()  # a window the run cut short is still written
         if self.log is not None:
             self.log.close()
         if self.audit is not None:
@@ -410,9 +450,12 @@ def open_audit(run_dir: Path, rank: int) -> TextIO | None:
     return open(run_dir / "samples" / f"rank-{rank}.log", "a", buffering=1)
 
 
-def format_eval(epoch: int, result: dict) -> str:
-    """The printed validation line; `epoch` is 0-based, printed from 1 like the progress bar."""
+def format_eval(epoch: int, result: dict, step: int | None = None, weights: str = "raw") -> str:
+    """The printed validation line; `epoch` is 0-based, printed from 1 like the progress bar;
+    `step` for an evaluation inside the epoch; averaged weights are named."""
     parts = [
         f"{k.removeprefix('valid/')} {v:.4f}" for k, v in result.items() if isinstance(v, float)
     ]
-    return f"epoch {epoch + 1} valid: " + "  ".join(parts) + f"  (rows {result['valid/rows']})"
+    where = f"epoch {epoch + 1}" + (f" step {step}" if step is not None else "")
+    which = f" ({weights} weights)" if weights != "raw" else ""
+    return f"{where} valid{which}: " + "  ".join(parts) + f"  (rows {result['valid/rows']})"
