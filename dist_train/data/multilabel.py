@@ -22,7 +22,7 @@ def label_matrix(frame, cfg, source: str, names: list | None = None) -> tuple[li
     if isinstance(cfg.target, list):
         cols = [_zero_one(_column(frame, c, source), f"data.target `{c}`") for c in cfg.target]
         return list(cfg.target), torch.from_numpy(np.stack(cols, 1))
-    values = _column(frame, cfg.target, source).tolist()
+    values = _list_values(frame, cfg.target, source)
     where = f"data.target `{cfg.target}` in {source}"
     bad = next((i for i, v in enumerate(values) if not isinstance(v, (list, tuple))), None)
     if bad is not None:
@@ -37,6 +37,20 @@ def label_matrix(frame, cfg, source: str, names: list | None = None) -> tuple[li
             raise UserError(f"{where}: rows hold {width} indicators; training had {len(labels)}.")
         return labels, torch.tensor(values, dtype=torch.int64).reshape(len(values), width)
     return _tags(values, cfg, where, names)
+
+
+def _list_values(frame, name: str, source: str) -> list:
+    """A column's values as Python objects: lists of different lengths would not make the
+    numpy array `_column` returns."""
+    from dist_train.data.sources import _column
+
+    if name not in frame.column_names:
+        _column(frame, name, source)  # raises its "not in ...; did you mean" message
+    arrow = getattr(frame, "with_format", None)  # a datasets.Dataset, else a pyarrow Table
+    if arrow is not None:
+        return arrow("arrow")[name].to_pylist()
+    column = frame[name]
+    return column.to_pylist() if hasattr(column, "to_pylist") else list(column)
 
 
 def _indicators(values: list) -> bool:
@@ -74,8 +88,8 @@ def _zero_one(col: np.ndarray, what: str) -> np.ndarray:
     ok = np.issubdtype(col.dtype, np.number) and np.isin(col, (0, 1))
     if not np.all(ok):
         row = int(np.argmin(ok)) if np.ndim(ok) else 0
+        value = col[row].item() if isinstance(col[row], np.generic) else col[row]
         raise UserError(
-            f"{what}: row {row} holds {col[row]!r}; multilabel targets are 0/1 (one column per "
-            "label)."
+            f"{what}: row {row} holds {value!r}; multilabel targets are 0/1 (one column per label)."
         )
     return col.astype(np.int64)

@@ -48,7 +48,7 @@ class MetricSet:
             kw |= {"task": "multiclass", "num_classes": self.num_classes}
         elif self.task == "binary":
             kw |= {"task": "binary"}
-        elif self.task == "multilabel":  # torchmetrics' default average: macro over labels
+        elif self.task == "multilabel":
             kw |= {"task": "multilabel", "num_labels": self.num_classes}
         # A decision threshold for the 0/1 metrics (AUROC ranks the probabilities instead).
         cut = kw | ({"threshold": self.threshold} if self.task in ("binary", "multilabel") else {})
@@ -81,4 +81,5 @@ class MetricSet:
 
 
 def _avg(kw: dict) -> dict:
-    return kw | {"average": "macro"} if kw.get("task") == "multiclass" else kw
+    """Macro averages over classes / labels (torchmetrics' wrappers default to micro)."""
+    return kw | {"average": "macro"} if kw.get("task") in ("multiclass", "multilabel") else kw
