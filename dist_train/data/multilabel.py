@@ -17,10 +17,10 @@ from dist_train.errors import UserError
 def label_matrix(frame, cfg, source: str, names: list | None = None) -> tuple[list, torch.Tensor]:
     """(label names, [N, L] int64 targets). `names` (from the training source) fixes the
     labels of a validation or prediction file."""
-    from dist_train.data.sources import _column
+    from dist_train.data.sources import column
 
     if isinstance(cfg.target, list):
-        cols = [_zero_one(_column(frame, c, source), f"data.target `{c}`") for c in cfg.target]
+        cols = [_zero_one(column(frame, c, source), f"data.target `{c}`") for c in cfg.target]
         return list(cfg.target), torch.from_numpy(np.stack(cols, 1))
     values = _list_values(frame, cfg.target, source)
     where = f"data.target `{cfg.target}` in {source}"
@@ -41,11 +41,11 @@ def label_matrix(frame, cfg, source: str, names: list | None = None) -> tuple[li
 
 def _list_values(frame, name: str, source: str) -> list:
     """A column's values as Python objects: lists of different lengths would not make the
-    numpy array `_column` returns."""
-    from dist_train.data.sources import _column
+    numpy array `column` returns."""
+    from dist_train.data.sources import column
 
     if name not in frame.column_names:
-        _column(frame, name, source)  # raises its "not in ...; did you mean" message
+        column(frame, name, source)  # raises its "not in ...; did you mean" message
     arrow = getattr(frame, "with_format", None)  # a datasets.Dataset, else a pyarrow Table
     if arrow is not None:
         return arrow("arrow")[name].to_pylist()

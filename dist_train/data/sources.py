@@ -204,6 +204,12 @@ def _from_disk(loc: str, split: str, source: str):
     return ds
 
 
+def column(frame, name: str, source: str) -> np.ndarray:
+    """One column of a loaded source as a numpy array (a missing name is a UserError with a
+    "did you mean"); for the target readers outside this module (data/multilabel.py)."""
+    return _column(frame, name, source)
+
+
 def _column(frame, name: str, source: str, copy: bool = True) -> np.ndarray:
     if name not in frame.column_names:
         close = difflib.get_close_matches(name, frame.column_names, n=1)
