@@ -80,6 +80,16 @@ def _check_multilabel(r: Recipe) -> None:
         )
     if d.task != "multilabel":
         return
+    if any(src and src.startswith("imagefolder:") for src in (d.source, d.valid_source)):
+        raise ValueError(
+            "data.source: imagefolder labels are folder names (one class per image); "
+            "multilabel needs a table with 0/1 label columns or a list column"
+        )
+    if d.num_classes is not None:
+        raise ValueError(
+            "data.num_classes: multilabel takes its labels from data.target (or data.classes "
+            "for a column of label names); remove data.num_classes"
+        )
     if isinstance(d.target, list) and len(d.target) < 2:
         raise ValueError("data.target: multilabel needs at least 2 label columns")
     if isinstance(d.target, list) and d.classes is not None:

@@ -151,7 +151,8 @@ def test_top_k_accuracy_on_digits_equals_a_hand_computation(tmp_path):
 
 def test_multilabel_list_column_of_label_names(tmp_path):
     """One json column holding a list of label names per row -> multi-hot targets over the
-    sorted names; `check` builds it (bce_with_logits by default) and says so."""
+    sorted names; bce_with_logits by default; it trains, and predict writes a 0/1 column and
+    a probability per label."""
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(60):
@@ -171,10 +172,30 @@ def test_multilabel_list_column_of_label_names(tmp_path):
         "train": {"batch_size": 8},
         "metrics": ["f1", "auroc"],
     }
-    r = cli_here("check", str(_write(tmp_path / "tags.yaml", recipe)))
+    path = _write(tmp_path / "tags.yaml", recipe)
+    r = cli_here("check", str(path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "loss: bce_with_logits" in r.stdout or "name: bce_with_logits" in r.stdout
-    assert "3 classes" in r.stdout  # cat, dog, eel
+    assert "name: bce_with_logits" in r.stdout and "3 classes" in r.stdout  # cat, dog, eel
+    run, preds = tmp_path / "run", tmp_path / "preds.csv"
+    r = cli_here("train", str(path), "-o", str(run), "train.epochs=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"valid/f1", "valid/auroc"} <= set(_events(run, "eval")[-1])
+    r = cli_here(
+        "predict",
+        str(path),
+        "--checkpoint",
+        str(run),
+        "--data",
+        f"json:{tmp_path / 'rows.json'}",
+        "-o",
+        str(preds),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = preds.read_text().splitlines()
+    assert lines[0] == (
+        "row,pred_cat,pred_dog,pred_eel,prob_cat,prob_dog,prob_eel,target_cat,target_dog,target_eel"
+    )
+    assert len(lines) == 61
 
     from dist_train.config.recipe import load_recipe
     from dist_train.data.sources import load_data
@@ -198,6 +219,7 @@ BAD = [
     (["metrics=[f1@2]"], "metrics[0]: `f1@2`: top-k is accuracy@k"),
     (["data.task=multilabel"], "loss: `cross_entropy` does not fit data.task multilabel"),
     (["data.target=[target, target]"], "data.target: a list of columns is for data.task"),
+    (["data.task=multilabel", "~loss", "data.num_classes=3"], "data.num_classes: multilabel"),
     (
         ["data.task=multilabel", "~loss", "data.target=[alcohol, target]"],
         "data.target `alcohol`: row 0 holds 14.23",
