@@ -11,17 +11,10 @@ import torch
 from torch.utils.data import Sampler
 
 
-def class_counts(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Rows per class of [N] class indices, or positives per label of [N, L] 0/1 targets."""
-    if y.dim() == 2:
-        return y.sum(0).long()
-    return torch.bincount(y.long(), minlength=num_classes)
-
-
 def balanced_class_weights(y: torch.Tensor, num_classes: int) -> list[float]:
     """scikit-learn's `balanced`: n_rows / (n_classes x rows of the class). A class absent from
     the training split has no rows to weight: it is refused (its weight would be infinite)."""
-    counts = class_counts(y, num_classes)
+    counts = torch.bincount(y.long(), minlength=num_classes)  # y: [N] class indices
     if bool((counts == 0).any()):
         missing = [i for i, c in enumerate(counts.tolist()) if c == 0]
         raise ValueError(
