@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist_train.config.schema import Recipe
+from dist_train.config.tasks import check_against_data
 from dist_train.data.sources import DataBundle, load_data
 from dist_train.errors import UserError
 from dist_train.model.head import Head
@@ -51,14 +52,14 @@ def build_components(
 
     `accelerator` None builds on the CPU of this one process (check, summary)."""
     data = load_data_once(accelerator, recipe)
-    head = make_head(recipe)
+    check_against_data(recipe, data.num_classes)  # e.g. accuracy@k needs k < the classes
+    head, notes = make_head(recipe, data)
     model = build_net(recipe, data, head)
-    notes: list[str] = []
     if finetune:
         from dist_train.model.finetune import prepare_finetune
 
         main = accelerator is None or accelerator.is_main_process
-        notes = prepare_finetune(model, recipe.finetune, main)  # before wrapping: freeze holds
+        notes += prepare_finetune(model, recipe.finetune, main)  # before wrapping: freeze holds
     if not optimizer:
         return Components(data, head, model, notes)
     from dist_train.data.mix import check_mixing
@@ -102,10 +103,16 @@ def load_data_once(accelerator: Accelerator | None, recipe: Recipe) -> DataBundl
     return data
 
 
-def make_head(recipe: Recipe) -> Head:
-    return Head(
-        recipe.data.task, recipe.loss.name, recipe.loss.label_smoothing, recipe.loss.pos_weight
-    )
+def make_head(recipe: Recipe, data: DataBundle) -> tuple[Head, list[str]]:
+    """The head, with `balanced` loss weights computed from the training split (the same on
+    every rank: every rank holds the whole split), and notes saying which weights it uses."""
+    from dist_train.data.balance import loss_weights, sampler_note
+
+    loss, task = recipe.loss, recipe.data.task
+    cw, pw, notes = loss_weights(loss, task, data.train.y, data.num_classes)
+    if recipe.data.sampler == "balanced":
+        notes.append(sampler_note(data.train.y))
+    return Head(task, loss.name, loss.label_smoothing, pw, cw), notes
 
 
 def build_data(recipe: Recipe) -> DataBundle:

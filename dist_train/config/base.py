@@ -17,8 +17,9 @@ class Strict(BaseModel):
 
 
 def default_mode(monitor: str) -> Literal["min", "max"]:
-    """`min` for losses and errors (`valid/loss`, `valid/mae`), `max` for everything else."""
-    return "min" if monitor.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "max"
+    """`min` for losses and errors (`valid/loss`, `valid/mae`), `max` for everything else
+    (`valid/accuracy@5` included: the part before `@k` names the metric)."""
+    return "min" if monitor.rsplit("/", 1)[-1].split("@")[0] in LOWER_IS_BETTER else "max"
 
 
 def better(value: float | None, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

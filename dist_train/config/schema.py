@@ -32,6 +32,12 @@ from dist_train.config.run import (
     TrackingConfig,
     WandbConfig,
 )
+from dist_train.config.tasks import (
+    MULTILABEL_METRICS,
+    check_task_options,
+    split_metric,
+    task_defaults,
+)
 
 __all__ = [
     "LOWER_IS_BETTER",
@@ -130,8 +136,14 @@ class DataConfig(Strict):
     features: list[str] | None = Field(
         None, description="feature columns (default: all but target)"
     )
-    target: str = Field("target", description="target column")
-    task: Literal["binary", "multiclass", "regression"] = Field(description="learning task")
+    target: str | list[str] = Field(
+        "target",
+        description="target column; multilabel: a list of 0/1 columns, or one column holding "
+        "a list per row (0/1 indicators of one length, or label names)",
+    )
+    task: Literal["binary", "multiclass", "multilabel", "regression"] = Field(
+        description="learning task"
+    )
     num_classes: int | None = Field(None, ge=2, description="classes (default: from the labels)")
     classes: list[int | str] | None = Field(
         None, description="keep only rows with these labels, encoded 0..K-1 in this order"
@@ -148,6 +160,18 @@ class DataConfig(Strict):
         None, ge=1, description="global eval batch (default: train)"
     )
     augment: AugmentConfig | None = Field(None, description="training-split augmentation")
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="training order: a seeded permutation, or `balanced`: rows drawn with "
+        "replacement, each class equally often (train rows per epoch; world-size invariant)",
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="binary/multilabel: probability above which a label counts as predicted "
+        "(metrics and predict)",
+    )
 
 
 class InitScheme(Strict):
@@ -204,7 +228,16 @@ class LossConfig(Strict):
         Field(description="loss function")
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross_entropy label smoothing")
-    pos_weight: float | None = Field(None, gt=0, description="bce_with_logits positive weight")
+    pos_weight: float | list[float] | Literal["balanced"] | None = Field(
+        None,
+        description="bce_with_logits weight of positives (multilabel: one per label); "
+        "`balanced` = negatives / positives of the training split",
+    )
+    class_weights: list[float] | Literal["balanced"] | None = Field(
+        None,
+        description="cross_entropy weight per class (class-index order); `balanced` = rows / "
+        "(classes x rows of the class), from the training split",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -374,10 +407,16 @@ class Recipe(Strict):
         None, description="hyperparameter search, used by `dist-train sweep` (ignored by train)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: object) -> object:
+        return task_defaults(raw)
+
     @model_validator(mode="after")
     def _semantics(self) -> Recipe:
         _check_loss_vs_task(self)
         _check_output_layer(self)
+        check_task_options(self)
         _check_metrics(self)
         _check_validation_data(self)
         return self
@@ -434,8 +473,9 @@ def _check_output_layer(r: Recipe) -> None:
 
 def _check_metrics(r: Recipe) -> None:
     allowed = REGRESSION_METRICS if r.data.task == "regression" else CLASSIFICATION_METRICS
+    allowed = MULTILABEL_METRICS if r.data.task == "multilabel" else allowed
     for i, name in enumerate(r.metrics):
-        if name not in allowed:
+        if split_metric(name)[0] not in allowed:
             raise ValueError(
                 f"metrics[{i}]: `{name}` is not a {r.data.task} metric; "
                 f"choose from {', '.join(sorted(allowed))}"

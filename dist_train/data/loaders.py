@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
+from dist_train.data.balance import BalancedSampler
 from dist_train.data.sources import Table
 
 
@@ -92,12 +93,15 @@ def index_batches(batch_sampler):
     if type(batch_sampler) is not BatchSampler or type(sampler) not in (
         SequentialSampler,
         SeedableRandomSampler,
+        BalancedSampler,
     ):
         yield from batch_sampler
         return
     n, bs = len(sampler), batch_sampler.batch_size
     if type(sampler) is SequentialSampler:
         order = torch.arange(n)
+    elif type(sampler) is BalancedSampler:  # its own (seed, epoch) draw, as its __iter__
+        order = sampler.order()
     else:
         if sampler.replacement or n != len(sampler.data_source):
             yield from batch_sampler
@@ -116,13 +120,24 @@ def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
-def make_loader(table: Table, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0):
+def make_loader(
+    table: Table,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int = 0,
+    balanced: bool = False,
+):
+    """`balanced` (training, `data.sampler: balanced`): rows drawn by `BalancedSampler`, which
+    accelerate shards like the seedable shuffle (a sampler it does not replace)."""
+    sampler = BalancedSampler(table.y, seed) if balanced else None
     # An own generator: DataLoader otherwise draws its worker base seed from the GLOBAL RNG
     # each time an epoch's iterator is created, shifting dropout masks after a mid-epoch resume.
     return torch.utils.data.DataLoader(
         TensorRows(table),
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         drop_last=drop_last,
         collate_fn=whole_batch,
         generator=torch.Generator().manual_seed(seed),

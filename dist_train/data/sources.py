@@ -25,7 +25,7 @@ FILE_KINDS = ("csv", "parquet", "json")
 @dataclass
 class Table:
     x: torch.Tensor  # float32 [N, *input_shape]
-    y: torch.Tensor  # int64 [N] (classification) or float32 [N] (regression)
+    y: torch.Tensor  # int64 [N] (classes), [N, L] 0/1 (multilabel), float32 [N] (regression)
 
 
 @dataclass
@@ -45,7 +45,10 @@ class DataBundle:
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     """Load, encode, split and (optionally) standardise; identical on every rank."""
     frame = load_source(cfg.source, cfg)
-    feats = cfg.features or [c for c in frame.column_names if c != cfg.target]
+    targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
+    feats = cfg.features or [c for c in frame.column_names if c not in targets]
+    if cfg.task == "multilabel":
+        return _load_multilabel(frame, feats, cfg, seed)
     x_all, y_raw = _features(frame, feats, cfg), _column(frame, cfg.target, cfg.source)
     valid = None
     if cfg.valid_source:
@@ -56,12 +59,29 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     if valid is not None:
         _, vy, vkeep = _encode_targets(valid[1], cfg, None, classes)
         vx = valid[0] if bool(vkeep.all()) else valid[0][vkeep]
-        train, vtab = Table(x_all, y_all), Table(vx, vy)
+        return _bundle(Table(x_all, y_all), Table(vx, vy), classes, feats, cfg, seed)
+    return _bundle(Table(x_all, y_all), None, classes, feats, cfg, seed)
+
+
+def _load_multilabel(frame, feats: list[str], cfg: DataConfig, seed: int) -> DataBundle:
+    from dist_train.data.multilabel import label_matrix
+
+    labels, y = label_matrix(frame, cfg, cfg.source)
+    valid = None
+    if cfg.valid_source:
+        vframe = load_source(cfg.valid_source, cfg, key="data.valid_source")
+        vx = _features(vframe, feats, cfg)
+        valid = Table(vx, label_matrix(vframe, cfg, cfg.valid_source, labels)[1])
+    return _bundle(Table(_features(frame, feats, cfg), y), valid, labels, feats, cfg, seed)
+
+
+def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, seed: int):
+    """The split (unless a validation source was given) and the train-split statistics."""
+    if valid is not None:
+        train, vtab = table, valid
     else:
         train, vtab = _split(
-            Table(x_all, y_all),
-            cfg.valid_fraction,
-            seed if cfg.split_seed is None else cfg.split_seed,
+            table, cfg.valid_fraction, seed if cfg.split_seed is None else cfg.split_seed
         )
     norm = None
     if cfg.standardize:
@@ -182,6 +202,12 @@ def _from_disk(loc: str, split: str, source: str):
             raise UserError(f"data.split `{split}`: {loc} has splits {list(ds)}.")
         ds = ds[split]
     return ds
+
+
+def column(frame, name: str, source: str) -> np.ndarray:
+    """One column of a loaded source as a numpy array (a missing name is a UserError with a
+    "did you mean"); for the target readers outside this module (data/multilabel.py)."""
+    return _column(frame, name, source)
 
 
 def _column(frame, name: str, source: str, copy: bool = True) -> np.ndarray:
@@ -362,8 +388,14 @@ def load_table(
     Returns the table and whether it had targets (predict accepts files without them)."""
     frame = load_source(source, cfg, key="--data")
     x = _features(frame, feature_names, cfg.model_copy(update={"source": source}))
-    if cfg.target not in frame.column_names and not require_target:
-        return Table(x, torch.zeros(len(x), dtype=torch.int64)), False
+    targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
+    if not require_target and not set(targets) & set(frame.column_names):
+        shape = (len(x), len(classes)) if cfg.task == "multilabel" else (len(x),)
+        return Table(x, torch.zeros(shape, dtype=torch.int64)), False
+    if cfg.task == "multilabel":
+        from dist_train.data.multilabel import label_matrix
+
+        return Table(x, label_matrix(frame, cfg, source, classes)[1]), True
     y_raw = _column(frame, cfg.target, source)
     if cfg.task == "regression":
         return Table(x, torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))), True

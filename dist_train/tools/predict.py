@@ -69,7 +69,13 @@ def run_eval(args) -> int:
     from dist_train.training.metrics import MetricSet
 
     metrics = (
-        MetricSet(recipe.metrics, recipe.data.task, data.num_classes, accelerator.device)
+        MetricSet(
+            recipe.metrics,
+            recipe.data.task,
+            data.num_classes,
+            accelerator.device,
+            recipe.data.threshold,
+        )
         if recipe.metrics
         else None
     )
@@ -89,17 +95,11 @@ def run_predict(args) -> int:
     rows: list[list] = []
     for out, y, idx in gathered_outputs(model, loader, accelerator):
         scores = head.scores(out).cpu()
-        preds = _rows(recipe.data.task, data.classes, scores, y.cpu() if has_target else None)
+        target = y.cpu() if has_target else None
+        preds = _rows(recipe.data.task, data.classes, scores, target, recipe.data.threshold)
         rows += [[int(i), *r] for i, r in zip(idx.tolist(), preds, strict=False)]
     if accelerator.is_main_process:
-        header = ["row", "prediction"]
-        if data.classes:
-            header += (
-                [f"prob_{c}" for c in data.classes]
-                if recipe.data.task == "multiclass"
-                else [f"prob_{data.classes[1]}"]
-            )
-        header += ["target"] if has_target else []
+        header = _header(recipe.data.task, data.classes, has_target)
         out = Path(args.output) if args.output else _default_out(args.checkpoint, "preds.csv")
         with open(out, "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -110,15 +110,33 @@ def run_predict(args) -> int:
     return 0
 
 
-def _rows(task: str, classes, scores: torch.Tensor, y) -> list[list]:
+def _header(task: str, classes, has_target: bool) -> list[str]:
+    """multilabel: a 0/1 column and a probability per label (and the 0/1 targets)."""
+    if task == "multilabel":
+        header = ["row", *[f"pred_{c}" for c in classes], *[f"prob_{c}" for c in classes]]
+        return header + ([f"target_{c}" for c in classes] if has_target else [])
+    header = ["row", "prediction"]
+    if classes:
+        header += [f"prob_{c}" for c in classes] if task == "multiclass" else [f"prob_{classes[1]}"]
+    return header + (["target"] if has_target else [])
+
+
+def _rows(task: str, classes, scores: torch.Tensor, y, threshold: float = 0.5) -> list[list]:
+    """Predictions as the metrics count them: binary/multilabel probabilities above
+    `data.threshold` are 1 (torchmetrics' `preds > threshold`)."""
     out = []
     for i in range(len(scores)):
+        if task == "multilabel":
+            probs = scores[i].tolist()
+            row = [int(p > threshold) for p in probs] + [round(p, 6) for p in probs]
+            out.append(row + (y[i].tolist() if y is not None else []))
+            continue
         if task == "multiclass":
             probs = scores[i].tolist()
             row = [classes[int(scores[i].argmax())], *[round(p, 6) for p in probs]]
         elif task == "binary":
             p = float(scores[i])
-            row = [classes[int(p >= 0.5)], round(p, 6)]
+            row = [classes[int(p > threshold)], round(p, 6)]
         else:
             row = [float(scores[i])]
         if y is not None:

@@ -10,10 +10,23 @@ from __future__ import annotations
 
 import torch
 
+from dist_train.config.tasks import split_metric
+
 
 class MetricSet:
-    def __init__(self, names: list[str], task: str, num_classes: int, device: torch.device):
+    """`names` as in the recipe (`accuracy@5`: top-5 accuracy); `num_classes` is the number of
+    labels for multilabel; `threshold` turns binary/multilabel probabilities into 0/1."""
+
+    def __init__(
+        self,
+        names: list[str],
+        task: str,
+        num_classes: int,
+        device: torch.device,
+        threshold: float = 0.5,
+    ):
         self.task, self.names, self.num_classes, self.device = task, names, num_classes, device
+        self.threshold = threshold
         self._metrics: dict | None = None
 
     @property
@@ -24,30 +37,34 @@ class MetricSet:
         torchmetrics module first runs the package `__init__`, which imports scipy.signal and
         `torchmetrics.functional` (the audio package), and matplotlib.pyplot when installed."""
         if self._metrics is None:
-            self._metrics = self._build(self.names, self.task, self.num_classes, self.device)
+            self._metrics = {name: self._build(name).to(self.device) for name in self.names}
         return self._metrics
 
-    @staticmethod
-    def _build(names: list[str], task: str, num_classes: int, device: torch.device) -> dict:
+    def _build(self, name: str):
         import torchmetrics
 
-        kw = {"sync_on_compute": False}
-        if task == "multiclass":
-            kw |= {"task": "multiclass", "num_classes": num_classes}
-        elif task == "binary":
+        kw: dict = {"sync_on_compute": False}
+        if self.task == "multiclass":
+            kw |= {"task": "multiclass", "num_classes": self.num_classes}
+        elif self.task == "binary":
             kw |= {"task": "binary"}
+        elif self.task == "multilabel":
+            kw |= {"task": "multilabel", "num_labels": self.num_classes}
+        # A decision threshold for the 0/1 metrics (AUROC ranks the probabilities instead).
+        cut = kw | ({"threshold": self.threshold} if self.task in ("binary", "multilabel") else {})
+        base, k = split_metric(name)
         makers = {
-            "accuracy": lambda: torchmetrics.Accuracy(**kw),
-            "precision": lambda: torchmetrics.Precision(**_avg(kw)),
-            "recall": lambda: torchmetrics.Recall(**_avg(kw)),
-            "f1": lambda: torchmetrics.F1Score(**_avg(kw)),
+            "accuracy": lambda: torchmetrics.Accuracy(**cut, **({"top_k": k} if k else {})),
+            "precision": lambda: torchmetrics.Precision(**_avg(cut)),
+            "recall": lambda: torchmetrics.Recall(**_avg(cut)),
+            "f1": lambda: torchmetrics.F1Score(**_avg(cut)),
             "auroc": lambda: torchmetrics.AUROC(**kw),
-            "confusion_matrix": lambda: torchmetrics.ConfusionMatrix(**kw),
+            "confusion_matrix": lambda: torchmetrics.ConfusionMatrix(**cut),
             "mse": lambda: torchmetrics.MeanSquaredError(sync_on_compute=False),
             "mae": lambda: torchmetrics.MeanAbsoluteError(sync_on_compute=False),
             "r2": lambda: torchmetrics.R2Score(sync_on_compute=False),
         }
-        return {name: makers[name]().to(device) for name in names}
+        return makers[base]()
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         """`scores`: probabilities for classification, predictions for regression."""
@@ -64,4 +81,5 @@ class MetricSet:
 
 
 def _avg(kw: dict) -> dict:
-    return kw | {"average": "macro"} if kw.get("task") == "multiclass" else kw
+    """Macro averages over classes / labels (torchmetrics' wrappers default to micro)."""
+    return kw | {"average": "macro"} if kw.get("task") in ("multiclass", "multilabel") else kw

@@ -147,7 +147,8 @@ class Trainer:
         self.flops_per_sample = train_flops_per_sample(
             built.model, example, counter=self.peak_tflops is not None
         )
-        train_dl = make_loader(built.data.train, plan.per_device, True, True, seed=recipe.seed)
+        balanced = recipe.data.sampler == "balanced"
+        train_dl = make_loader(built.data.train, plan.per_device, True, True, recipe.seed, balanced)
         valid = built.data.valid
         valid_dl = make_loader(valid, plan.eval_per_device, False, False) if valid else None
         # Collective: built fine, so now (and only now) the directory may be cleared/created.
@@ -438,7 +439,8 @@ class Trainer:
         from dist_train.training.metrics import MetricSet
 
         task, classes = self.recipe.data.task, self.data.num_classes
-        return MetricSet(self.recipe.metrics, task, classes, self.accelerator.device)
+        threshold = self.recipe.data.threshold
+        return MetricSet(self.recipe.metrics, task, classes, self.accelerator.device, threshold)
 
 
 def open_audit(run_dir: Path, rank: int) -> TextIO | None:

@@ -42,3 +42,24 @@ def events(run_dir: Path, kind: str) -> list[dict]:
 def run_info(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
 
+
+
+def make_multilabel_table(path: Path, rows: int, seed: int) -> None:
+    """The same 6 features with three 0/1 label columns a, b, c (c is the hard one)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 6))
+    labels = {"a": x[:, 0] > 0, "b": x[:, 1] + x[:, 2] > 0.5, "c": x[:, 3] * x[:, 4] > 0}
+    header = ",".join([*(f"f{i}" for i in range(6)), *labels])
+    lines = [",".join([*(f"{v:.6f}" for v in x[r]), *(str(int(labels[k][r])) for k in labels)])
+             for r in range(rows)]
+    path.write_text(header + "\n" + "\n".join(lines) + "\n")
+
+
+def audit_rows(run_dir: Path) -> dict[int, list[int]]:
+    """DIST_TRAIN_AUDIT_SAMPLES logs -> the rows each optimizer step trained on (all ranks)."""
+    rows: dict[int, list[int]] = {}
+    for log in sorted((run_dir / "samples").glob("rank-*.log")):
+        for line in log.read_text().splitlines():
+            _epoch, step, ids = line.split()
+            rows.setdefault(int(step), []).extend(int(i) for i in ids.split(","))
+    return {step: sorted(ids) for step, ids in rows.items()}
