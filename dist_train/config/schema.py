@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -23,6 +24,7 @@ from dist_train.config.run import (
     BestCheckpoint,
     CheckpointConfig,
     FinetuneConfig,
+    FreezeConfig,
     SlurmConfig,
     SweepConfig,
     SweepParam,
@@ -35,6 +37,7 @@ __all__ = [
     "BestCheckpoint",
     "CheckpointConfig",
     "FinetuneConfig",
+    "FreezeConfig",
     "Recipe",
     "SlurmConfig",
     "Strict",
@@ -303,7 +306,9 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name")
     seed: int = Field(0, description="seeds init, dropout, split, shuffling and augmentation")
     data: DataConfig = Field(description="where rows come from and how they are prepared")
-    model: ModelConfig = Field(description="the network")
+    model: ModelConfig | None = Field(
+        None, description="the network (**required** unless `dist_train.fit(model=...)` gives one)"
+    )
     loss: LossConfig = Field(description="loss name (string) or mapping with options")
     optimizer: OptimizerConfig = Field(description="optimizer and its hyperparameters")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="lr schedule")
@@ -313,6 +318,14 @@ class Recipe(Strict):
         default_factory=CheckpointConfig, description="full-state checkpoints"
     )
     finetune: FinetuneConfig | None = Field(None, description="start from pretrained weights")
+    freeze: FreezeConfig | None = Field(
+        None, description="frozen parameters, with or without finetune (globs, or a section)"
+    )
+    unfreeze: list[str] = Field(
+        default_factory=list,
+        description="globs kept trainable where a freeze glob also matches, e.g. freeze: ['*'], "
+        "unfreeze: ['classifier.*']",
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="trackers")
     slurm: SlurmConfig | None = Field(
         None, description="defaults for `dist-train submit` (SLURM batch jobs)"
@@ -322,10 +335,14 @@ class Recipe(Strict):
     )
 
     @model_validator(mode="after")
-    def _semantics(self) -> Recipe:
+    def _semantics(self, info: ValidationInfo) -> Recipe:
+        # Only dist_train.fit(model=...) validates with this context: recipe files need a model.
+        if self.model is None and not (info.context or {}).get("model_supplied"):
+            raise ValueError("model: required key is missing (a layers list or a module)")
+        _check_freeze(self)
         _check_loss_vs_task(self)
         _check_output_layer(self)
-        _check_metrics(self)
+        _check_metrics(self, (info.context or {}).get("metric_names", ()))
         return self
 
 
@@ -345,8 +362,20 @@ def _check_loss_vs_task(r: Recipe) -> None:
         raise ValueError(f"loss: `{loss}` is for binary tasks; use cross_entropy for multiclass")
 
 
+def _check_freeze(r: Recipe) -> None:
+    if r.unfreeze and r.freeze is None and not (r.finetune and r.finetune.freeze):
+        raise ValueError("unfreeze: lists exceptions to `freeze`, which is not set; add freeze")
+    if r.freeze is not None:
+        for epoch, _, key in r.freeze.steps():
+            if epoch >= r.train.epochs:
+                raise ValueError(
+                    f"{key}: epoch {epoch} never comes (train.epochs is {r.train.epochs}; "
+                    "epochs count from 0); lower it or train longer"
+                )
+
+
 def _check_output_layer(r: Recipe) -> None:
-    layers = r.model.layers
+    layers = r.model.layers if r.model is not None else None
     if not layers:
         return
     i, last = len(layers) - 1, layers[-1].kind
@@ -370,7 +399,7 @@ def _check_output_layer(r: Recipe) -> None:
         raise ValueError(f"{where}: a {last} output squashes a regression target; remove it")
 
 
-def _check_metrics(r: Recipe) -> None:
+def _check_metrics(r: Recipe, supplied: tuple[str, ...] | list[str] = ()) -> None:
     allowed = REGRESSION_METRICS if r.data.task == "regression" else CLASSIFICATION_METRICS
     for i, name in enumerate(r.metrics):
         if name not in allowed:
@@ -379,6 +408,7 @@ def _check_metrics(r: Recipe) -> None:
                 f"choose from {', '.join(sorted(allowed))}"
             )
     known = {"valid/loss"} | {f"valid/{m}" for m in r.metrics if m != "confusion_matrix"}
+    known |= {f"valid/{m}" for m in supplied}  # dist_train.fit(metrics=...)
     watched = [("scheduler.monitor", r.scheduler.monitor)] if r.scheduler.name == "plateau" else []
     if r.train.early_stopping:
         watched.append(("train.early_stopping.monitor", r.train.early_stopping.monitor))

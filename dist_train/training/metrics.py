@@ -12,8 +12,17 @@ import torch
 
 
 class MetricSet:
-    def __init__(self, names: list[str], task: str, num_classes: int, device: torch.device):
+    def __init__(
+        self,
+        names: list[str],
+        task: str,
+        num_classes: int,
+        device: torch.device,
+        supplied: dict | None = None,
+    ):
+        """`supplied`: dist_train.fit's torchmetrics objects by name, cloned for this run."""
         self.task, self.names, self.num_classes, self.device = task, names, num_classes, device
+        self.supplied = supplied or {}
         self._metrics: dict | None = None
 
     @property
@@ -25,6 +34,7 @@ class MetricSet:
         `torchmetrics.functional` (the audio package), and matplotlib.pyplot when installed."""
         if self._metrics is None:
             self._metrics = self._build(self.names, self.task, self.num_classes, self.device)
+            self._metrics |= {k: own_copy(m).to(self.device) for k, m in self.supplied.items()}
         return self._metrics
 
     @staticmethod
@@ -61,6 +71,17 @@ class MetricSet:
             out[name] = value.tolist() if value.numel() > 1 else float(value)
             metric.reset()
         return out
+
+
+def own_copy(metric):
+    """A fresh clone (the caller's object keeps its state; every run starts from zero) that
+    computes on the gathered rows it is given, like ours: torchmetrics' own sync would count
+    the sampler's padded duplicates and run a collective of its own."""
+    metric = metric.clone()
+    metric.reset()
+    metric.sync_on_compute = metric._to_sync = False  # _to_sync: what compute() reads
+    metric.dist_sync_on_step = False
+    return metric
 
 
 def _avg(kw: dict) -> dict:
