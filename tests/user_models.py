@@ -34,3 +34,17 @@ class TinyBertClassifier(nn.Module):
 
     def forward(self, x):
         return self.model(input_ids=x.long()).logits
+
+
+class TwoTower(nn.Module):
+    """A model whose forward is no chain of its children (the summary cannot run it layer by
+    layer): a backbone with batch norm, and a head."""
+
+    def __init__(self, input_shape: tuple[int, ...], out_features: int) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.skip = nn.Linear(input_shape[0], 8)
+        self.head = nn.Linear(8, out_features)
+
+    def forward(self, x):
+        return self.head(self.backbone(x) + self.skip(x))

@@ -368,8 +368,9 @@ def _check_freeze(r: Recipe) -> None:
     if r.freeze is not None:
         for epoch, _, key in r.freeze.steps():
             if epoch >= r.train.epochs:
+                where = key if key.endswith("_epoch") else key.removesuffix("unfreeze") + "epoch"
                 raise ValueError(
-                    f"{key}: epoch {epoch} never comes (train.epochs is {r.train.epochs}; "
+                    f"{where}: epoch {epoch} never comes (train.epochs is {r.train.epochs}; "
                     "epochs count from 0); lower it or train longer"
                 )
 

@@ -152,7 +152,7 @@ class Freezing:
                 n for n in self.names if self.frozen(n, epoch - 1) and not self.frozen(n, epoch)
             ]
             lines.append(
-                f"  epoch {epoch}: unfreezes {', '.join(globs)} "
+                f"  after {epoch} epoch{'s' if epoch > 1 else ''}: unfreezes {', '.join(globs)} "
                 f"({sum(sizes[n] for n in opened):,} parameters)"
             )
         return lines
@@ -185,20 +185,27 @@ def build_freezing(recipe: Recipe, model: nn.Module) -> Freezing | None:
 
 
 def group_rows(model: nn.Module) -> list[tuple[str, int, int]]:
-    """(group, trainable, frozen) per top-level module of any model; a top-level layer list
-    (Sequential/ModuleList, e.g. our `layers`) is shown one row per layer."""
-    rows: dict[str, list[int]] = {}
-    containers = {
-        n for n, m in model.named_children() if isinstance(m, (nn.Sequential, nn.ModuleList))
-    }
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        group = ".".join(parts[:2]) if parts[0] in containers and len(parts) > 2 else parts[0]
-        if len(parts) == 1:
-            group = "(own parameters)"
-        row = rows.setdefault(group, [0, 0])
-        row[0 if p.requires_grad else 1] += p.numel()
-    return [(g, t, f) for g, (t, f) in rows.items()]
+    """(group, trainable, frozen) for any model: the groups are the children of the first
+    module below the root that holds parameters in more than one child (wrappers with a single
+    such child, like our Net around a layer list or a transformers model, are looked through),
+    so a layer list shows `layers.0`, `layers.3`, ... and a BERT classifier `...bert`,
+    `...classifier`."""
+    prefix, mod = "", model
+    while not any(True for _ in mod.parameters(recurse=False)):
+        kids = [(n, m) for n, m in mod.named_children() if any(True for _ in m.parameters())]
+        if len(kids) != 1:
+            break
+        name, mod = kids[0]
+        prefix += f"{name}."
+    rows = []
+    own = list(mod.parameters(recurse=False))
+    parts = [(prefix.rstrip(".") or "(model)", own)] if own else []
+    parts += [(prefix + n, list(m.parameters())) for n, m in mod.named_children()]
+    for group, params in parts:
+        if params:
+            trainable = sum(p.numel() for p in params if p.requires_grad)
+            rows.append((group, trainable, sum(p.numel() for p in params) - trainable))
+    return rows
 
 
 def format_groups(model: nn.Module) -> str:
