@@ -38,7 +38,7 @@ def test_module_globs_freeze_parameters_and_batch_norm_statistics():
 
 def test_a_schedule_unfreezes_and_gives_batch_norm_back():
     built = _build(
-        "freeze={params: ['layers.[0-4].*'], schedule: [{epoch: 1, unfreeze: [layers.[34]]}]}",
+        "freeze={params: ['layers.[0-4].*'], schedule: [{epoch: 1, unfreeze: ['layers.[34]']}]}",
         "train.epochs=3",
     )
     model, plan = built.model, built.freezing
