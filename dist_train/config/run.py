@@ -68,7 +68,9 @@ class FreezeConfig(Strict):
         "bert.encoder): requires_grad off, batch-norm statistics frozen with their layer",
     )
     unfreeze_at_epoch: int | None = Field(
-        None, ge=1, description="every frozen parameter becomes trainable from this epoch on"
+        None,
+        ge=1,
+        description="every frozen parameter trains from this epoch on (0-based: after this many)",
     )
     schedule: list[UnfreezeStep] = Field(
         default_factory=list, description="gradual unfreezing: groups made trainable per epoch"
