@@ -321,8 +321,9 @@ class Recipe(Strict):
     freeze: FreezeConfig | None = Field(
         None, description="frozen parameters, with or without finetune (globs, or a section)"
     )
-    unfreeze: list[str] = Field(
-        default_factory=list,
+    # None by default (not []): a recipe without it resolves, and hashes, as before this key.
+    unfreeze: list[str] | None = Field(
+        None,
         description="globs kept trainable where a freeze glob also matches, e.g. freeze: ['*'], "
         "unfreeze: ['classifier.*']",
     )

@@ -60,7 +60,7 @@ class Freezing:
             self.freeze += [(p, "freeze") for p in recipe.freeze.params]
         if recipe.finetune is not None:  # deprecated alias, same mechanism
             self.freeze += [(p, "finetune.freeze") for p in recipe.finetune.freeze]
-        self.unfreeze = list(recipe.unfreeze)
+        self.unfreeze = list(recipe.unfreeze or [])
         self.steps = recipe.freeze.steps() if recipe.freeze is not None else []
         self.names = [n for n, _ in model.named_parameters()]
         self._check()
@@ -147,6 +147,8 @@ class Freezing:
         sizes = dict((n, p.numel()) for n, p in model.named_parameters())
         frozen0 = [n for n in self.names if self.frozen(n, 0)]
         lines = [f"freeze: {sum(sizes[n] for n in frozen0):,} parameters frozen at epoch 0"]
+        if any(key == "finetune.freeze" for _, key in self.freeze):
+            lines.append("  (finetune.freeze is deprecated: write the top-level `freeze:`)")
         for epoch, globs, _ in self.steps:
             opened = [
                 n for n in self.names if self.frozen(n, epoch - 1) and not self.frozen(n, epoch)

@@ -279,7 +279,7 @@ def test_summary_counts_frozen_after_finetune_freeze(tmp_path):
         {"from": str(tmp_path / "model.safetensors"), "freeze": ["layers.0.*", "layers.1.*"]}
     )
     report = prepare_finetune(fresh, cfg)
-    recipe = SimpleNamespace(freeze=None, finetune=cfg, unfreeze=[])  # the deprecated alias
+    recipe = SimpleNamespace(freeze=None, finetune=cfg, unfreeze=None)  # the deprecated alias
     freezing = Freezing(recipe, fresh)
     freezing.apply(fresh, 0)
     notes = freezing.describe(fresh)
