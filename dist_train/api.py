@@ -149,9 +149,10 @@ def _substitute(raw: dict, model, train_data, valid_data) -> None:
         return
     data = raw.get("data")
     if not isinstance(data, dict):
-        loss = raw.get("loss")
-        name = loss.get("name") if isinstance(loss, dict) else loss
-        data = raw["data"] = {"task": TASK_OF_LOSS.get(name, "regression")}
+        data = raw["data"] = {}
+    loss = raw.get("loss")
+    name = loss.get("name") if isinstance(loss, dict) else loss
+    data.setdefault("task", TASK_OF_LOSS.get(name, "regression"))
     data["source"] = f"python:{type(train_data).__name__}"
     if valid_data is not None:
         data["valid_source"] = f"python:{type(valid_data).__name__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 
@@ -40,6 +41,8 @@ def test_frozen_parameters_and_buffers_bitwise_unchanged_under_ddp(pretrained, t
         assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["layers.8.weight"], after["layers.8.weight"])  # trained
     assert after["layers.11.weight"].shape == (5, 128)
+    report = json.loads((out / "load_report.json").read_text())  # beside the printed table
+    assert report["counts"]["reinitialised"] == 2 and report["counts"]["missing"] == 0
 
 
 def test_summary_shows_frozen_parameters(pretrained):

@@ -81,8 +81,14 @@ def test_fit_takes_a_hf_dataset_as_a_table(tables, tmp_path):
     rows = Rows(tables[0])
     columns = {f"f{i}": rows.x[:, i].tolist() for i in range(6)} | {"label": rows.y.tolist()}
     hf = datasets.Dataset.from_dict(columns)
-    raw = FIT_RECIPE | {"data": {"task": "multiclass", "target": "label", "valid_fraction": 0.25}}
-    res = dist_train.fit(raw, model=user_model(), train_data=hf, output_dir=str(tmp_path / "a"))
+    over = {"data.target": "label", "data.valid_fraction": 0.25}  # the task follows the loss
+    res = dist_train.fit(
+        FIT_RECIPE,
+        model=user_model(),
+        train_data=hf,
+        overrides=over,
+        output_dir=str(tmp_path / "a"),
+    )
     assert res.metrics["valid/rows"] == 36  # a quarter of 144 held out, seeded
     assert json.loads((tmp_path / "a" / "run.json").read_text())["status"] == "finished"
 
