@@ -51,7 +51,7 @@ class LoadReport:
         lines = [f"finetune: tensors from {self.source}"]
         for label, names in rows:
             shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
-            lines.append(f"  {label:<{width}}  {len(names):>5}  {shown}")
+            lines.append(f"  {label:<{width}}  {len(names):>5}  {shown}".rstrip())
         return lines
 
 
