@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "load_recipe", "train"]
+__all__ = ["FitResult", "UserError", "fit", "load_recipe", "train"]
 
-from dist_train.api import train
+from dist_train.api import FitResult, fit, train
 from dist_train.config.recipe import load_recipe
 from dist_train.errors import UserError

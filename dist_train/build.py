@@ -6,8 +6,9 @@ it, so what `check` accepts is what `train` builds.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +22,19 @@ from dist_train.model.net import Net, build_model
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from dist_train.model.finetune import LoadReport
+    from dist_train.model.freeze import Freezing
     from dist_train.training.optim import Schedule
+
+
+@dataclass
+class Supplied:
+    """Python objects `dist_train.fit` passes instead of the recipe's model/data sections."""
+
+    model: torch.nn.Module | None = None
+    train_data: Any = None  # a torch map-style Dataset of (x, y), or a datasets.Dataset
+    valid_data: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> torchmetrics.Metric
 
 
 @dataclass
@@ -36,6 +49,8 @@ class Components:
     scheduler: Schedule | None = None
     total_steps: int = 0  # optimizer steps of the whole run (epochs x per epoch, or max_steps)
     steps_per_epoch: int = 0
+    load_report: LoadReport | None = None  # finetune.from: what loaded (run dir's load_report.json)
+    freezing: Freezing | None = None  # with a schedule the trainer applies each epoch's state
 
 
 def build_components(
@@ -44,24 +59,38 @@ def build_components(
     *,
     finetune: bool = True,
     optimizer: bool = True,
+    supplied: Supplied | None = None,
 ) -> Components:
     """data (rank 0 first) -> head -> model (seeded) -> [`finetune`: pretrained weights and
     freezing] -> [`optimizer`: DDP's unused-parameter probe -> device placement -> optimizer ->
     schedule]. train and check build everything; summary skips the optimizer; eval and predict
     skip both (their weights come from --checkpoint, and accelerate places the model).
 
-    `accelerator` None builds on the CPU of this one process (check, summary)."""
-    data = load_data_once(accelerator, recipe)
+    `accelerator` None builds on the CPU of this one process (check, summary). `supplied`:
+    dist_train.fit's model/data/metrics objects in place of the recipe's sections."""
+    supplied = supplied or Supplied()
+    data = load_data_once(accelerator, recipe, supplied)
     check_against_data(recipe, data.num_classes)  # e.g. accuracy@k needs k < the classes
     head, notes = make_head(recipe, data)
-    model = build_net(recipe, data, head)
+    if supplied.model is not None:
+        model = supplied_model(supplied.model, recipe, data, head)
+    else:
+        model = build_net(recipe, data, head)
+    report = freezing = None
     if finetune:
         from dist_train.model.finetune import prepare_finetune
+        from dist_train.model.freeze import NEVER, build_freezing
 
-        main = accelerator is None or accelerator.is_main_process
-        notes += prepare_finetune(model, recipe.finetune, main)  # before wrapping: freeze holds
+        report = prepare_finetune(model, recipe.finetune)  # after model.init: loaded tensors win
+        freezing = build_freezing(recipe, model)
+        if freezing is not None:
+            # Before wrapping. A schedule's final trainable set while DDP and the optimizer are
+            # built (model/freeze.py says why); the trainer then applies each epoch's state.
+            freezing.apply(model, NEVER if freezing.scheduled and optimizer else 0)
+            notes += freezing.describe(model)
+        notes = (report.table() if report is not None else []) + notes
     if not optimizer:
-        return Components(data, head, model, notes)
+        return Components(data, head, model, notes, load_report=report, freezing=freezing)
     from dist_train.data.mix import check_mixing
 
     check_mixing(recipe, data.input_shape)  # train/check/lr-find: mixup needs class targets
@@ -69,6 +98,8 @@ def build_components(
 
     if accelerator is not None and accelerator.num_processes > 1:
         configure_ddp(accelerator, model, data.train.x[:2], data.train.y[:2], head)
+        if freezing is not None and freezing.scheduled:
+            freezing.tell_ddp(accelerator)
     if accelerator is not None:
         # On a GPU the model moves before the optimizer is built (fused optimizer kernels need
         # the parameters' device); `train.compile` compiles it in place (clean state dicts).
@@ -83,13 +114,22 @@ def build_components(
         )
     scheduler = build_scheduler(opt, recipe.scheduler, total, recipe.optimizer.lr)
     per_epoch = steps_per_epoch(n_train, recipe.train.batch_size)
-    return Components(data, head, model, notes, opt, scheduler, total, per_epoch)
+    if freezing is not None and freezing.scheduled and accelerator is None:
+        freezing.apply(model, 0)  # check: show the state training starts in
+    return Components(data, head, model, notes, opt, scheduler, total, per_epoch, report, freezing)
 
 
-def load_data_once(accelerator: Accelerator | None, recipe: Recipe) -> DataBundle:
+def load_data_once(
+    accelerator: Accelerator | None, recipe: Recipe, supplied: Supplied | None = None
+) -> DataBundle:
     """Rank 0 loads first (the datasets cache is written once, then reused). A data error is
     held until everyone has left the barrier, then raised on every rank alike: otherwise rank 0
     would exit mid-barrier and the others would die with a gloo traceback."""
+    if supplied is not None and supplied.train_data is not None:
+        from dist_train.data.python import load_python_data
+
+        # In memory already, on every rank alike: nothing is cached, so no rank goes first.
+        return load_python_data(recipe.data, recipe.seed, supplied.train_data, supplied.valid_data)
     if accelerator is None:
         return build_data(recipe)
     data, error = None, None
@@ -134,6 +174,21 @@ def build_net(recipe: Recipe, data: DataBundle, head: Head) -> Net:
         )
     _check_output(net, data.input_shape, out, recipe)
     return net
+
+
+def supplied_model(
+    model: torch.nn.Module, recipe: Recipe, data: DataBundle, head: Head
+) -> torch.nn.Module:
+    """A copy of fit()'s model (the caller's object never changes, so a second fit() starts
+    from the same weights); the data statistics of data.standardize have no place in it."""
+    if data.norm is not None:
+        raise UserError(
+            "data.standardize: fit(model=...) trains your module as given, which cannot hold "
+            "the train-split statistics; standardise in your Dataset or model, or drop it."
+        )
+    model = copy.deepcopy(model).cpu().train()
+    _check_output(model, data.input_shape, head.out_features or data.num_classes, recipe)
+    return model
 
 
 def _check_output(net: Net, input_shape: tuple[int, ...], out: int, recipe: Recipe) -> None:

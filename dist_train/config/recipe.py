@@ -117,9 +117,11 @@ def _child(node: Any, part: str, path: str, item: str, create: bool) -> Any:
     return node[part]
 
 
-def validate(raw: dict, source: str = "recipe") -> Recipe:
+def validate(raw: dict, source: str = "recipe", context: dict | None = None) -> Recipe:
+    """`context`: what dist_train.fit supplies beside the recipe (`model_supplied`,
+    `metric_names`); recipe files are validated without it."""
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context=context)
     except ValidationError as err:
         # Misspelt keys first: their "required key is missing" twin would hide the typo.
         errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")

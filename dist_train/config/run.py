@@ -25,14 +25,86 @@ class CheckpointConfig(Strict):
 class FinetuneConfig(Strict):
     from_: str = Field(
         alias="from",
-        description="model.safetensors, a checkpoint dir, or a torch.save state dict (.pt/.pth)",
+        description="pretrained weights: a .safetensors file, a run or checkpoint dir, a "
+        "torch.save state dict (.pt/.pth/.bin, loaded weights_only), or a transformers "
+        "save_pretrained dir (model.safetensors / pytorch_model.bin, sharded or not)",
     )
-    freeze: list[str] = Field(default_factory=list, description="globs of parameters to freeze")
+    key_map: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="ordered prefix renames of the file's tensor names, first match wins, e.g. "
+        '{"0.": "layers.0."}, {"backbone.": ""}, {"": "layers."}; null drops those tensors',
+    )
+    strict: bool = Field(
+        False,
+        description="fail (exit 2) when a model tensor is missing from the file or a file "
+        "tensor is unused (reinit and dropped names excepted)",
+    )
+    freeze: list[str] = Field(
+        default_factory=list, description="deprecated alias of the top-level `freeze` globs"
+    )
     reinit: list[str] = Field(default_factory=list, description="globs to keep freshly initialised")
     allow_shape_mismatch: bool = Field(
         False, description="reinitialise tensors whose shape differs instead of failing"
     )
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class UnfreezeStep(Strict):
+    epoch: int = Field(
+        ge=1,
+        description="0-based epoch (as metrics.jsonl counts) from which these become trainable, "
+        "i.e. after this many epochs",
+    )
+    unfreeze: list[str] = Field(
+        min_length=1, description="globs over parameter or module names to make trainable"
+    )
+
+
+class FreezeConfig(Strict):
+    """Frozen parameters (a list of globs is the short form of `{params: [...]}`)."""
+
+    params: list[str] = Field(
+        min_length=1,
+        description="globs over parameter names (layers.0.weight) or module names (layers.0, "
+        "bert.encoder): requires_grad off, batch-norm statistics frozen with their layer",
+    )
+    unfreeze_at_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="every frozen parameter trains from this epoch on (0-based: after this many)",
+    )
+    schedule: list[UnfreezeStep] = Field(
+        default_factory=list, description="gradual unfreezing: groups made trainable per epoch"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, raw: object) -> object:
+        return {"params": raw} if isinstance(raw, list) else raw
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> FreezeConfig:
+        if self.unfreeze_at_epoch is not None and self.schedule:
+            raise ValueError(
+                "freeze: give unfreeze_at_epoch (everything at once) or schedule (groups "
+                "per epoch), not both"
+            )
+        epochs = [s.epoch for s in self.schedule]
+        if epochs != sorted(set(epochs)):
+            raise ValueError(
+                f"freeze.schedule: epochs {epochs} must increase strictly; put the globs of one "
+                "epoch into one entry"
+            )
+        return self
+
+    def steps(self) -> list[tuple[int, list[str], str]]:
+        """(epoch, globs, recipe key) of every unfreezing, in order."""
+        if self.unfreeze_at_epoch is not None:
+            return [(self.unfreeze_at_epoch, ["*"], "freeze.unfreeze_at_epoch")]
+        return [
+            (s.epoch, s.unfreeze, f"freeze.schedule[{i}].unfreeze")
+            for i, s in enumerate(self.schedule)
+        ]
 
 
 class WandbConfig(Strict):

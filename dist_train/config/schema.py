@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -24,6 +25,7 @@ from dist_train.config.run import (
     CheckpointConfig,
     EmaConfig,
     FinetuneConfig,
+    FreezeConfig,
     ProfileConfig,
     SlurmConfig,
     SwaConfig,
@@ -44,6 +46,7 @@ __all__ = [
     "BestCheckpoint",
     "CheckpointConfig",
     "FinetuneConfig",
+    "FreezeConfig",
     "Recipe",
     "SlurmConfig",
     "Strict",
@@ -389,7 +392,9 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name")
     seed: int = Field(0, description="seeds init, dropout, split, shuffling and augmentation")
     data: DataConfig = Field(description="where rows come from and how they are prepared")
-    model: ModelConfig = Field(description="the network")
+    model: ModelConfig | None = Field(
+        None, description="the network (**required** unless `dist_train.fit(model=...)` gives one)"
+    )
     loss: LossConfig = Field(description="loss name (string) or mapping with options")
     optimizer: OptimizerConfig = Field(description="optimizer and its hyperparameters")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="lr schedule")
@@ -399,6 +404,15 @@ class Recipe(Strict):
         default_factory=CheckpointConfig, description="full-state checkpoints"
     )
     finetune: FinetuneConfig | None = Field(None, description="start from pretrained weights")
+    freeze: FreezeConfig | None = Field(
+        None, description="frozen parameters, with or without finetune (globs, or a section)"
+    )
+    # None by default (not []): a recipe without it resolves, and hashes, as before this key.
+    unfreeze: list[str] | None = Field(
+        None,
+        description="globs kept trainable where a freeze glob also matches, e.g. freeze: ['*'], "
+        "unfreeze: ['classifier.*']",
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="trackers")
     slurm: SlurmConfig | None = Field(
         None, description="defaults for `dist-train submit` (SLURM batch jobs)"
@@ -413,11 +427,15 @@ class Recipe(Strict):
         return task_defaults(raw)
 
     @model_validator(mode="after")
-    def _semantics(self) -> Recipe:
+    def _semantics(self, info: ValidationInfo) -> Recipe:
+        # Only dist_train.fit(model=...) validates with this context: recipe files need a model.
+        if self.model is None and not (info.context or {}).get("model_supplied"):
+            raise ValueError("model: required key is missing (a layers list or a module)")
+        _check_freeze(self)
         _check_loss_vs_task(self)
         _check_output_layer(self)
         check_task_options(self)
-        _check_metrics(self)
+        _check_metrics(self, (info.context or {}).get("metric_names", ()))
         _check_validation_data(self)
         return self
 
@@ -446,8 +464,21 @@ def _check_loss_vs_task(r: Recipe) -> None:
         raise ValueError(f"loss: `{loss}` is for binary tasks; use cross_entropy for multiclass")
 
 
+def _check_freeze(r: Recipe) -> None:
+    if r.unfreeze and r.freeze is None and not (r.finetune and r.finetune.freeze):
+        raise ValueError("unfreeze: lists exceptions to `freeze`, which is not set; add freeze")
+    if r.freeze is not None:
+        for epoch, _, key in r.freeze.steps():
+            if epoch >= r.train.epochs:
+                where = key if key.endswith("_epoch") else key.removesuffix("unfreeze") + "epoch"
+                raise ValueError(
+                    f"{where}: epoch {epoch} never comes (train.epochs is {r.train.epochs}; "
+                    "epochs count from 0); lower it or train longer"
+                )
+
+
 def _check_output_layer(r: Recipe) -> None:
-    layers = r.model.layers
+    layers = r.model.layers if r.model is not None else None
     if not layers:
         return
     i, last = len(layers) - 1, layers[-1].kind
@@ -471,7 +502,7 @@ def _check_output_layer(r: Recipe) -> None:
         raise ValueError(f"{where}: a {last} output squashes a regression target; remove it")
 
 
-def _check_metrics(r: Recipe) -> None:
+def _check_metrics(r: Recipe, supplied: tuple[str, ...] | list[str] = ()) -> None:
     allowed = REGRESSION_METRICS if r.data.task == "regression" else CLASSIFICATION_METRICS
     allowed = MULTILABEL_METRICS if r.data.task == "multilabel" else allowed
     for i, name in enumerate(r.metrics):
@@ -481,6 +512,7 @@ def _check_metrics(r: Recipe) -> None:
                 f"choose from {', '.join(sorted(allowed))}"
             )
     known = {"valid/loss"} | {f"valid/{m}" for m in r.metrics if m != "confusion_matrix"}
+    known |= {f"valid/{m}" for m in supplied}  # dist_train.fit(metrics=...)
     watched = [("scheduler.monitor", r.scheduler.monitor)] if r.scheduler.name == "plateau" else []
     if r.train.early_stopping:
         watched.append(("train.early_stopping.monitor", r.train.early_stopping.monitor))

@@ -42,17 +42,18 @@ class DataBundle:
         return len(self.classes) if self.classes else 0
 
 
-def load_data(cfg: DataConfig, seed: int) -> DataBundle:
-    """Load, encode, split and (optionally) standardise; identical on every rank."""
-    frame = load_source(cfg.source, cfg)
+def load_data(cfg: DataConfig, seed: int, frames: tuple | None = None) -> DataBundle:
+    """Load, encode, split and (optionally) standardise; identical on every rank. `frames`:
+    (train, valid or None) tables already in memory (dist_train.fit's data, data/python.py)."""
+    frame = frames[0] if frames else load_source(cfg.source, cfg)
     targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
     feats = cfg.features or [c for c in frame.column_names if c not in targets]
     if cfg.task == "multilabel":
-        return _load_multilabel(frame, feats, cfg, seed)
+        return _load_multilabel(frame, feats, cfg, seed, frames)
     x_all, y_raw = _features(frame, feats, cfg), _column(frame, cfg.target, cfg.source)
     valid = None
     if cfg.valid_source:
-        vframe = load_source(cfg.valid_source, cfg, key="data.valid_source")
+        vframe = frames[1] if frames else load_source(cfg.valid_source, cfg, "data.valid_source")
         valid = (_features(vframe, feats, cfg), _column(vframe, cfg.target, cfg.valid_source))
     classes, y_all, keep = _encode_targets(y_raw, cfg, None if valid is None else valid[1])
     x_all = x_all if bool(keep.all()) else x_all[keep]  # no second copy when nothing is dropped
@@ -63,13 +64,15 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     return _bundle(Table(x_all, y_all), None, classes, feats, cfg, seed)
 
 
-def _load_multilabel(frame, feats: list[str], cfg: DataConfig, seed: int) -> DataBundle:
+def _load_multilabel(
+    frame, feats: list[str], cfg: DataConfig, seed: int, frames: tuple | None
+) -> DataBundle:
     from dist_train.data.multilabel import label_matrix
 
     labels, y = label_matrix(frame, cfg, cfg.source)
     valid = None
     if cfg.valid_source:
-        vframe = load_source(cfg.valid_source, cfg, key="data.valid_source")
+        vframe = frames[1] if frames else load_source(cfg.valid_source, cfg, "data.valid_source")
         vx = _features(vframe, feats, cfg)
         valid = Table(vx, label_matrix(vframe, cfg, cfg.valid_source, labels)[1])
     return _bundle(Table(_features(frame, feats, cfg), y), valid, labels, feats, cfg, seed)
@@ -111,6 +114,11 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
         )
     if kind == "sklearn":
         return _sklearn(loc, f"{key} `{source}`")
+    if kind == "python":  # what dist_train.fit records for the objects it was given
+        raise UserError(
+            f"{key} `{source}`: python: data comes only from dist_train.fit(train_data=...); "
+            "in a recipe file use csv:, parquet:, json:, disk:, imagefolder:, hub: or sklearn:."
+        )
     if kind in FILE_KINDS:
         if not Path(loc).is_file():
             raise UserError(

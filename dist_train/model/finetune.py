@@ -1,92 +1,87 @@
-"""Fine-tuning: load pretrained weights safely, reinitialise a new head, freeze layers.
+"""Fine-tuning: pretrained weights into the recipe's model, with a load report.
 
-Applied to the bare model BEFORE accelerate wraps it, so DDP never registers frozen
-parameters (no unused-parameter errors) and the optimizer never sees them. Weights load only
-through safetensors or `torch.load(weights_only=True)`: a tampered pickle cannot run code.
+Runs on the bare model after it was built and initialised (`model.init` included) and before
+anything wraps it: loaded tensors replace the initial ones, so `model.init` only ever shapes
+what the recipe itself creates (a new head, tensors the file lacks). Freezing is its own step
+(model/freeze.py). Reading files and renaming keys: model/pretrained.py.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dist_train.config.schema import FinetuneConfig
 from dist_train.errors import UserError
+from dist_train.model.pretrained import apply_key_map, load_weights
+
+__all__ = ["LoadReport", "load_weights", "prepare_finetune", "save_report"]
+
+SHOWN = 4  # names listed per category in the printed table (all of them in load_report.json)
+# Data statistics the recipe computes (data.standardize), not weights: never "missing".
+FROM_DATA = ("input_norm.",)
 
 
-def load_weights(path_str: str, key: str = "finetune.from") -> dict[str, torch.Tensor]:
-    """A state dict from model.safetensors, a checkpoint/run directory, or a torch.save file
-    (`key` names the recipe key or flag in error messages)."""
-    path = Path(path_str)
-    if path.is_dir():
-        candidate = path / "model.safetensors"
-        if not candidate.is_file():
-            raise UserError(
-                f"{key} {path}: no model.safetensors in this directory; "
-                "point at a run directory, a checkpoint directory or a weights file."
-            )
-        path = candidate
-    if not path.is_file():
-        raise UserError(
-            f"{key} {path}: file not found; give the path of a "
-            "model.safetensors, a checkpoint directory or a .pt state dict."
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+@dataclass
+class LoadReport:
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)  # finetune.reinit globs
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    shape_mismatched: list[str] = field(default_factory=list)  # reinitialised (allowed)
+    dropped: list[str] = field(default_factory=list)  # removed by a null key_map rule
 
-        try:
-            state = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"{key} {path}: not a valid safetensors file ({err}).") from None
-    else:
-        state = _torch_load(path, key)
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _torch_load(path: Path, key: str) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for anything beyond tensors and containers
-        raise UserError(
-            f"{key} {path}: refused to load: it holds pickled Python objects, not just "
-            f"tensors ({str(err).splitlines()[0][:120]}). Unpickling could run arbitrary code; "
-            "save a state dict instead: torch.save(model.state_dict(), path), or use "
-            "safetensors."
-        ) from None
-    for wrapper in ("state_dict", "model", "model_state_dict"):  # training-script checkpoints
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{key} {path}: expected a state dict (name -> tensor).")
-    return obj
+    def table(self) -> list[str]:
+        """The printed report: one row per category, its count and the first names."""
+        rows = [
+            ("loaded", self.loaded),
+            ("reinitialised", self.reinitialised),
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape-mismatched", self.shape_mismatched),
+        ]
+        if self.dropped:
+            rows.append(("dropped (key_map)", self.dropped))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"finetune: tensors from {self.source}"]
+        for label, names in rows:
+            shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+            lines.append(f"  {label:<{width}}  {len(names):>5}  {shown}".rstrip())
+        return lines
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def prepare_finetune(model: nn.Module, cfg: FinetuneConfig | None, verbose: bool) -> list[str]:
-    """Load, reinit, freeze; returns human-readable notes (the kept/reinit/missing table)."""
+def prepare_finetune(model: nn.Module, cfg: FinetuneConfig | None) -> LoadReport | None:
+    """Load the pretrained tensors that fit (key_map applied), keep the rest as built."""
     if cfg is None:
-        return []
-    source = load_weights(cfg.from_)
+        return None
+    raw = load_weights(cfg.from_)
+    source, dropped = apply_key_map(raw, cfg.key_map, cfg.from_)
     own = model.state_dict()
-    kept, reinit, missing, mismatched = [], [], [], []
+    report = LoadReport(cfg.from_, dropped=dropped)
+    mismatched = []
     for name, tensor in own.items():
         if _matches(name, cfg.reinit):
-            reinit.append(name)
+            report.reinitialised.append(name)
         elif name not in source:
-            missing.append(name)
+            if not name.startswith(FROM_DATA):
+                report.missing.append(name)
         elif source[name].shape != tensor.shape:
+            report.shape_mismatched.append(name)
             mismatched.append(
                 f"{name}: checkpoint {list(source[name].shape)} vs model {list(tensor.shape)}"
             )
         else:
-            kept.append(name)
-    unexpected = [k for k in source if k not in own]
+            report.loaded.append(name)
+    report.unexpected = [k for k in source if k not in own]
     if mismatched and not cfg.allow_shape_mismatch:
         raise UserError(
             f"finetune.from {cfg.from_}: shapes differ from this recipe's model:\n    "
@@ -94,67 +89,29 @@ def prepare_finetune(model: nn.Module, cfg: FinetuneConfig | None, verbose: bool
             + '\n  list them in finetune.reinit (e.g. a new head: "layers.6.*") or set '
             "finetune.allow_shape_mismatch: true to reinitialise them."
         )
-    if not kept:
+    if not report.loaded:
         raise UserError(
             f"finetune.from {cfg.from_}: no tensor matches this model (e.g. model "
-            f"has {list(own)[:3]}, file has {list(source)[:3]}); wrong architecture?"
+            f"has {list(own)[:3]}, file has {list(source)[:3]}); wrong architecture? "
+            'Rename the file\'s tensors with finetune.key_map, e.g. {"0.": "layers.0."}.'
         )
-    model.load_state_dict({k: source[k] for k in kept}, strict=False)
-    frozen = freeze(model, cfg.freeze)
-    reinit += [m.split(":")[0] for m in mismatched]
-    notes = [
-        f"finetune: {len(kept)} tensors loaded from {cfg.from_}, {len(reinit)} "
-        f"reinitialized, {len(missing)} missing, {len(unexpected)} unexpected; "
-        f"{frozen} parameters frozen"
-    ]
-    for label, names in (
-        ("reinitialized", reinit),
-        ("missing", missing),
-        ("unexpected", unexpected),
-    ):
-        if names:
-            notes.append(f"  {label}: {', '.join(names)}")
-    return notes
-
-
-def freeze(model: nn.Module, patterns: list[str]) -> int:
-    """requires_grad=False on matching parameters; matching batch-norm layers stay in eval
-    mode so their running statistics (buffers) are frozen too. Returns the frozen count."""
-    if not patterns:
-        return 0
-    count = 0
-    for name, p in model.named_parameters():
-        if _matches(name, patterns):
-            p.requires_grad_(False)
-            count += p.numel()
-    if count == 0:
+    if cfg.strict and (report.missing or report.unexpected):
         raise UserError(
-            f"finetune.freeze {patterns}: matches no parameter; names look like "
-            f"{[n for n, _ in model.named_parameters()][:4]}."
+            f"finetune.strict: {cfg.from_} does not cover this model exactly: "
+            f"{len(report.missing)} missing {report.missing[:6]}, {len(report.unexpected)} "
+            f"unexpected {report.unexpected[:6]}. Rename with finetune.key_map, drop file "
+            "tensors with a null key_map rule, list new layers in finetune.reinit, or set "
+            "finetune.strict: false."
         )
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and _bn_frozen(mod_name, mod, patterns):
-            mod.__class__ = _frozen_class(type(mod))
-            mod.eval()
-    return count
+    model.load_state_dict({k: source[k] for k in report.loaded}, strict=False)
+    return report
 
 
-def _bn_frozen(mod_name: str, mod: nn.Module, patterns: list[str]) -> bool:
-    params = list(mod.parameters())
-    if params:
-        return all(not p.requires_grad for p in params)
-    return _matches(f"{mod_name}.running_mean", patterns)
-
-
-_FROZEN: dict[type, type] = {}
-
-
-def _frozen_class(cls: type) -> type:
-    """A subclass whose train() always means eval(): running stats never update."""
-    if cls not in _FROZEN:
-
-        def train(self, mode: bool = True):
-            return super(_FROZEN[cls], self).train(False)
-
-        _FROZEN[cls] = type(f"Frozen{cls.__name__}", (cls,), {"train": train})
-    return _FROZEN[cls]
+def save_report(run_dir: Path, report: LoadReport | None) -> None:
+    """RUN_DIR/load_report.json: every name of every category (main process only)."""
+    if report is None:
+        return
+    data = asdict(report) | {
+        "counts": {k: len(v) for k, v in asdict(report).items() if isinstance(v, list)}
+    }
+    (run_dir / "load_report.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -26,9 +26,18 @@ def check(path: str, overrides: list[str]) -> str:
 
 
 def summary(path: str, overrides: list[str]) -> str:
-    from dist_train.model.net import format_summary
+    """The layer table (a layer list: output shapes) and, for any model, trainable/frozen
+    parameters per group (top-level module; a top-level layer list one row per layer)."""
+    from torch import nn
+
+    from dist_train.model.freeze import format_groups
+    from dist_train.model.net import Net, format_summary
 
     recipe = load_recipe(path, overrides)
     built = build_components(recipe, optimizer=False)
-    table = format_summary(built.model, built.data.input_shape)
-    return "\n".join([recipe.name, table, *built.notes])
+    model = built.model
+    parts = [recipe.name]
+    if isinstance(model, Net) and isinstance(model.layers, nn.Sequential):
+        parts.append(format_summary(model, built.data.input_shape))
+    parts += ["", "parameters by group:", format_groups(model), *built.notes]
+    return "\n".join(parts)

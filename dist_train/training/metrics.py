@@ -15,7 +15,8 @@ from dist_train.config.tasks import split_metric
 
 class MetricSet:
     """`names` as in the recipe (`accuracy@5`: top-5 accuracy); `num_classes` is the number of
-    labels for multilabel; `threshold` turns binary/multilabel probabilities into 0/1."""
+    labels for multilabel; `threshold` turns binary/multilabel probabilities into 0/1;
+    `supplied`: dist_train.fit's torchmetrics objects by name, cloned for this run."""
 
     def __init__(
         self,
@@ -24,9 +25,11 @@ class MetricSet:
         num_classes: int,
         device: torch.device,
         threshold: float = 0.5,
+        supplied: dict | None = None,
     ):
         self.task, self.names, self.num_classes, self.device = task, names, num_classes, device
         self.threshold = threshold
+        self.supplied = supplied or {}
         self._metrics: dict | None = None
 
     @property
@@ -38,6 +41,7 @@ class MetricSet:
         `torchmetrics.functional` (the audio package), and matplotlib.pyplot when installed."""
         if self._metrics is None:
             self._metrics = {name: self._build(name).to(self.device) for name in self.names}
+            self._metrics |= {k: own_copy(m).to(self.device) for k, m in self.supplied.items()}
         return self._metrics
 
     def _build(self, name: str):
@@ -78,6 +82,17 @@ class MetricSet:
             out[name] = value.tolist() if value.numel() > 1 else float(value)
             metric.reset()
         return out
+
+
+def own_copy(metric):
+    """A fresh clone (the caller's object keeps its state; every run starts from zero) that
+    computes on the gathered rows it is given, like ours: torchmetrics' own sync would count
+    the sampler's padded duplicates and run a collective of its own."""
+    metric = metric.clone()
+    metric.reset()
+    metric.sync_on_compute = metric._to_sync = False  # _to_sync: what compute() reads
+    metric.dist_sync_on_step = False
+    return metric
 
 
 def _avg(kw: dict) -> dict:

@@ -45,7 +45,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
             )
     out = groups + ([default] if default["params"] else [])
     if not out:
-        raise UserError("every parameter is frozen (finetune.freeze); nothing to train.")
+        raise UserError("every parameter is frozen (freeze); nothing to train.")
     for g in out:
         g.pop("pattern")
     return out

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
-from dist_train.build import build_components
+from dist_train.build import Supplied, build_components
 from dist_train.config.base import better, default_mode
 from dist_train.config.schema import Recipe
 from dist_train.data.augment import augment_batch, augment_generator
 from dist_train.data.loaders import fast_batches, make_loader
 from dist_train.data.mix import make_mixer
 from dist_train.errors import CollectiveFailure
+from dist_train.model.finetune import save_report
 from dist_train.run.rundir import RunPlan, agree_run_dir, materialize_run_dir
 from dist_train.run.runlog import open_log, run_info
 from dist_train.run.state import TrainState, export, resume, save
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from dist_train.data.sources import DataBundle
+    from dist_train.model.freeze import Freezing
     from dist_train.model.head import Head
     from dist_train.run.tracking import RunLog
     from dist_train.training.metrics import MetricSet
@@ -66,6 +68,11 @@ def train(
 ) -> dict:
     """Train a recipe; returns the final evaluation. Same numbers on 1 or N processes."""
     trainer = Trainer(recipe, output_dir, restart=restart, allow_changed=allow_changed)
+    return run(trainer).result
+
+
+def run(trainer: Trainer) -> Trainer:
+    """setup -> fit -> [preempt] -> export -> teardown; the finished trainer."""
     try:
         trainer.setup()
         try:
@@ -76,7 +83,7 @@ def train(
             if trainer.accelerator.num_processes > 1 and signals.is_collective_failure(err):
                 raise CollectiveFailure(trainer.collective_report(err)) from None
             raise
-        return trainer.result
+        return trainer
     finally:
         trainer.teardown()
 
@@ -97,6 +104,7 @@ class Trainer:
     run_dir: Path
     stepper: Stepper
     metrics: MetricSet | None
+    freezing: Freezing | None  # freeze globs and schedule (None: everything trains)
     heartbeat: signals.Heartbeat
     total: int  # optimizer steps of the whole run
     per_epoch: int  # optimizer steps per epoch
@@ -111,8 +119,9 @@ class Trainer:
         *,
         restart: bool = False,
         allow_changed: bool = False,
+        supplied: Supplied | None = None,
     ) -> None:
-        self.recipe, self.output_dir = recipe, output_dir
+        self.recipe, self.output_dir, self.supplied = recipe, output_dir, supplied
         self.restart, self.allow_changed = restart, allow_changed
         self.log: RunLog | None = None
         self.audit: TextIO | None = None
@@ -136,8 +145,9 @@ class Trainer:
         # Collective: rank 0 decides where the run goes (nothing is written yet).
         self.run = agree_run_dir(acc, recipe, self.output_dir, self.restart, self.allow_changed)
         self.run_dir = Path(self.run.run_dir)
-        built = build_components(recipe, acc)  # collective inside: rank 0 loads data first
-        self.data, self.head = built.data, built.head
+        # collective inside: rank 0 loads data first
+        built = build_components(recipe, acc, supplied=self.supplied)
+        self.data, self.head, self.freezing = built.data, built.head, built.freezing
         self.total, self.per_epoch = built.total_steps, built.steps_per_epoch
         # Counted once on two rows, with no effect on the weights, statistics or random streams.
         # A model the layer list does not describe is counted (FlopCounterMode) only when a
@@ -161,12 +171,15 @@ class Trainer:
         self.state = TrainState(world_size=acc.num_processes)
         if self.run.resume_from:  # collective: every rank loads its part of the same step
             self.state = resume(acc, Path(self.run.resume_from), self.state)
+        self.set_trainable(self.state.epoch)  # a freeze schedule: this epoch's trainable set
         self.average = WeightAverage.from_recipe(t, acc.unwrap_model(self.model))
         resumed = self.average is not None and self.run.resume_from
         notice = self.average.load(Path(self.run.resume_from)) if resumed else None
         info = run_info(acc, recipe, plan, self.total, self.per_epoch, self.model)
         info |= {"train_flops_per_sample": self.flops_per_sample, "peak_tflops": self.peak_tflops}
         self.log = open_log(acc, self.run, recipe, self.state, info, built.notes)
+        if acc.is_main_process:
+            save_report(self.run_dir, built.load_report)  # finetune.from: what loaded
         if self.average is not None:
             self.log.info(notice or self.average.describe())
         self.stepper = Stepper(acc, self.model, self.optimizer, self.head, t)
@@ -186,6 +199,10 @@ class Trainer:
         )
         stop = None
         for epoch in range(state.epoch, t.epochs):
+            opened = self.set_trainable(epoch)  # the same on every rank: epoch-determined
+            if opened:
+                self.log.event("unfreeze", epoch=epoch, step=state.step, params=len(opened))
+                self.log.info(f"epoch {epoch + 1}: unfroze {len(opened)} tensors ({opened[0]} ...)")
             stop = self.run_epoch(epoch)
             if stop is Stop.PREEMPTED:
                 break
@@ -312,6 +329,13 @@ class Trainer:
             return Stop.FINISHED
         return None
 
+    def set_trainable(self, epoch: int) -> list[str]:
+        """A freeze schedule's requires_grad / batch-norm state for `epoch` (DDP and the
+        optimizer hold the final set already: model/freeze.py); the names it unfroze."""
+        if self.freezing is None or not self.freezing.scheduled:
+            return []
+        return self.freezing.apply(self.accelerator.unwrap_model(self.model), epoch)
+
     def save(self, what: str) -> Path:
         """Collective: the synchronized, atomic full-state save (every rank, same step)."""
         signals.set_phase(f"{what} at step {self.state.step}")
@@ -434,13 +458,16 @@ class Trainer:
         return from_main(self.accelerator, (improved, stop))  # collective: broadcast
 
     def _metric_set(self) -> MetricSet | None:
-        if not self.recipe.metrics or self.data.valid is None:
+        supplied = self.supplied.metrics if self.supplied is not None else {}
+        if not (self.recipe.metrics or supplied) or self.data.valid is None:
             return None
         from dist_train.training.metrics import MetricSet
 
         task, classes = self.recipe.data.task, self.data.num_classes
         threshold = self.recipe.data.threshold
-        return MetricSet(self.recipe.metrics, task, classes, self.accelerator.device, threshold)
+        return MetricSet(
+            self.recipe.metrics, task, classes, self.accelerator.device, threshold, supplied
+        )
 
 
 def open_audit(run_dir: Path, rank: int) -> TextIO | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -39,6 +41,8 @@ def test_frozen_parameters_and_buffers_bitwise_unchanged_under_ddp(pretrained, t
         assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["layers.8.weight"], after["layers.8.weight"])  # trained
     assert after["layers.11.weight"].shape == (5, 128)
+    report = json.loads((out / "load_report.json").read_text())  # beside the printed table
+    assert report["counts"]["reinitialised"] == 2 and report["counts"]["missing"] == 0
 
 
 def test_summary_shows_frozen_parameters(pretrained):
@@ -56,7 +60,7 @@ def test_shape_mismatch_is_reported_as_a_table_unless_allowed(pretrained, tmp_pa
     assert "finetune.reinit" in r.stderr
     r = cli_here(*args, "finetune.allow_shape_mismatch=true")
     assert r.returncode == 0, r.stderr
-    assert "reinitialized: layers.11.weight, layers.11.bias" in r.stdout
+    assert re.search(r"shape-mismatched\s+2\s+layers.11.weight, layers.11.bias", r.stdout)
 
 
 class _Evil:

@@ -50,7 +50,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 def test_layer_count_equals_flop_counter_mode_on_the_shipped_recipes(recipe_path):
     recipe = load_recipe(str(recipe_path), [])
     data = build.build_data(recipe)
-    net = build.build_net(recipe, data, build.make_head(recipe))
+    net = build.build_net(recipe, data, build.make_head(recipe, data)[0])
     example = data.train.x[:3]
     analytic = layer_flops(net, example)
     assert analytic is not None and analytic > 0

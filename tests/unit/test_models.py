@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dist_train.config.layers import ModuleArgs
 from dist_train.config.schema import FinetuneConfig, InitConfig, ModelConfig
 from dist_train.errors import UserError
 from dist_train.model.finetune import prepare_finetune
+from dist_train.model.freeze import Freezing
 from dist_train.model.net import build_model, format_summary, summary_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,7 +278,11 @@ def test_summary_counts_frozen_after_finetune_freeze(tmp_path):
     cfg = FinetuneConfig.model_validate(
         {"from": str(tmp_path / "model.safetensors"), "freeze": ["layers.0.*", "layers.1.*"]}
     )
-    notes = prepare_finetune(fresh, cfg, True)
+    report = prepare_finetune(fresh, cfg)
+    recipe = SimpleNamespace(freeze=None, finetune=cfg, unfreeze=None)  # the deprecated alias
+    freezing = Freezing(recipe, fresh)
+    freezing.apply(fresh, 0)
+    notes = freezing.describe(fresh)
     frozen = sum(
         p.numel() for n, p in fresh.named_parameters() if n.startswith(("layers.0.", "layers.1."))
     )
@@ -284,7 +290,8 @@ def test_summary_counts_frozen_after_finetune_freeze(tmp_path):
     text = format_summary(fresh, (1, 8, 8))
     assert _totals(text) == (total, total - frozen, frozen)
     assert "frozen: layers.0.weight, layers.0.bias, layers.1.weight, layers.1.bias" in text
-    assert f"{frozen} parameters frozen" in notes[0]
+    assert f"{frozen} parameters frozen at epoch 0" in notes[0]
+    assert len(report.loaded) == len(fresh.state_dict())
     rows = {r[0]: r for r in summary_rows(fresh, (1, 8, 8))}
     assert rows["layers.0"][3:] == (0, 4 * 9 + 4) and rows["layers.5"][4] == 0
 

@@ -94,6 +94,7 @@ def test_every_subcommand_comes_from_its_subpackage():
         "summary": "dist_train.tools.cli",
         "eval": "dist_train.tools.cli",
         "predict": "dist_train.tools.cli",
+        "lr-find": "dist_train.tools.cli",
         "report": "dist_train.report.cli",
         "schema": "dist_train.config.cli",
         "submit": "dist_train.launch.cli",
