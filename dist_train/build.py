@@ -52,8 +52,8 @@ def build_components(
     `accelerator` None builds on the CPU of this one process (check, summary)."""
     data = load_data_once(accelerator, recipe)
     head = make_head(recipe)
-    model = build_net(recipe, data, head)
     notes: list[str] = []
+    model = build_net(recipe, data, head, accelerator, notes)
     if finetune:
         from dist_train.model.finetune import prepare_finetune
 
@@ -106,32 +106,48 @@ def make_head(recipe: Recipe) -> Head:
 
 
 def build_data(recipe: Recipe) -> DataBundle:
-    return load_data(recipe.data, recipe.seed)
+    return load_data(data_config(recipe), recipe.seed)
 
 
-def build_net(recipe: Recipe, data: DataBundle, head: Head) -> Net:
+def data_config(recipe: Recipe):
+    """`recipe.data` with the tokenizer resolved (data.text: default model.hf.pretrained)."""
+    cfg, hf = recipe.data, recipe.model.hf
+    if cfg.text is not None and cfg.tokenizer is None and hf is not None:
+        return cfg.model_copy(update={"tokenizer": hf.pretrained})
+    return cfg
+
+
+def build_net(
+    recipe: Recipe,
+    data: DataBundle,
+    head: Head,
+    accelerator: Accelerator | None = None,
+    notes: list[str] | None = None,
+) -> Net:
     """Seeded construction: every rank (and every rerun) starts from the same weights."""
     out = head.out_features or data.num_classes
+    m = recipe.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        net = build_model(
-            recipe.model.layers,
-            recipe.model.module,
-            recipe.model.init,
-            data.input_shape,
-            out,
-            data.norm,
-        )
-    _check_output(net, data.input_shape, out, recipe)
+        if m.factory is not None or m.hf is not None or (m.module and m.layers):
+            from dist_train.model.backbone import build_backbone_net
+
+            net, said = build_backbone_net(m, data, out, accelerator)
+            (notes if notes is not None else []).extend(said)
+        else:
+            net = build_model(m.layers, m.module, m.init, data.input_shape, out, data.norm)
+    _check_output(net, data.input_shape, out, recipe, data.train.x.dtype)
     return net
 
 
-def _check_output(net: Net, input_shape: tuple[int, ...], out: int, recipe: Recipe) -> None:
+def _check_output(
+    net: Net, input_shape: tuple[int, ...], out: int, recipe: Recipe, dtype=torch.float32
+) -> None:
     """The model must emit one score per class (or 1): caught here, not at the first eval."""
     was_training = net.training
     net.eval()
     with torch.no_grad():
-        got = tuple(net(torch.zeros(2, *input_shape)).shape[1:])
+        got = tuple(net(torch.zeros(2, *input_shape, dtype=dtype)).shape[1:])
     net.train(was_training)
     if got != (out,):
         need = f"{out} ({recipe.data.task}, loss {recipe.loss.name})"

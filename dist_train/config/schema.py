@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from dist_train.config.backbones import FactoryArgs, HFArgs
 from dist_train.config.base import LOWER_IS_BETTER, Strict, batch_split_error, default_mode
 from dist_train.config.layers import LAYERS, LayerSpec, ModuleArgs, parse_layer
 from dist_train.config.run import (
@@ -128,6 +129,28 @@ class DataConfig(Strict):
         None, ge=1, description="global eval batch (default: train)"
     )
     augment: AugmentConfig | None = Field(None, description="training-split augmentation")
+    text: str | list[str] | None = Field(
+        None,
+        description="text column (or two, for pairs) to tokenize instead of float features; "
+        "needs model.hf or model.factory",
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer directory or hub id (default: model.hf.pretrained)"
+    )
+    max_length: int = Field(128, ge=2, description="text: truncate to this many tokens")
+
+    @model_validator(mode="after")
+    def _text(self) -> DataConfig:
+        if self.text is None:
+            return self
+        if isinstance(self.text, list) and len(self.text) not in (1, 2):
+            raise ValueError("data.text: one column, or two for pairs")
+        for key in ("features", "shape", "image_size", "augment"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"data.{key}: not used with data.text (tokens); remove it")
+        if self.standardize:
+            raise ValueError("data.standardize: token ids are not standardized; remove it")
+        return self
 
 
 class InitScheme(Strict):
@@ -171,11 +194,21 @@ class ModelConfig(Strict):
     layers: list[Layer] | None = Field(None, description="layer list, applied in order")
     init: InitConfig | None = Field(None, description="parameter initialisation per kind")
     module: ModuleArgs | None = Field(None, description="whole model from an importable class")
+    factory: FactoryArgs | None = Field(
+        None, description="backbone from any callable returning an nn.Module"
+    )
+    hf: HFArgs | None = Field(None, description="backbone from transformers (extra `[hf]`)")
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelConfig:
-        if (self.layers is None) == (self.module is None):
-            raise ValueError("model: give exactly one of `layers` (a list) or `module` (path)")
+        # One backbone at most; `layers` alone is the whole model, after a backbone its head.
+        given = [k for k in ("module", "factory", "hf") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"model: give one of module, factory or hf, not {' and '.join(given)}")
+        if not given and self.layers is None:
+            raise ValueError(
+                "model: give `layers` (a list), or a backbone (`module`, `factory` or `hf`)"
+            )
         return self
 
 
@@ -323,6 +356,13 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _semantics(self) -> Recipe:
+        if self.data.text is not None and self.model.hf is None and self.model.factory is None:
+            raise ValueError(
+                "data.text: token ids need a model that embeds them; use model.hf "
+                "(task: sequence_classification) or model.factory"
+            )
+        if self.data.text is not None and self.data.tokenizer is None and self.model.hf is None:
+            raise ValueError("data.tokenizer: needed with data.text when there is no model.hf")
         _check_loss_vs_task(self)
         _check_output_layer(self)
         _check_metrics(self)

@@ -30,5 +30,5 @@ def summary(path: str, overrides: list[str]) -> str:
 
     recipe = load_recipe(path, overrides)
     built = build_components(recipe, optimizer=False)
-    table = format_summary(built.model, built.data.input_shape)
+    table = format_summary(built.model, built.data.input_shape, built.data.train.x.dtype)
     return "\n".join([recipe.name, table, *built.notes])
