@@ -58,7 +58,7 @@ def build_components(
         from dist_train.model.finetune import prepare_finetune
 
         main = accelerator is None or accelerator.is_main_process
-        notes = prepare_finetune(model, recipe.finetune, main)  # before wrapping: freeze holds
+        notes += prepare_finetune(model, recipe.finetune, main)  # before wrapping: freeze holds
     if not optimizer:
         return Components(data, head, model, notes)
     from dist_train.training.distributed import configure_ddp, place_model

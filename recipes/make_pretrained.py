@@ -28,8 +28,18 @@ from pathlib import Path
 
 POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful", "brilliant", "lovely", "fun"]
 NEGATIVE = ["terrible", "awful", "boring", "dreadful", "horrible", "poor", "dull", "bland"]
-SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the music", "the ending",
-            "the cast", "the story", "the script", "the director's work"]
+SUBJECTS = [
+    "the movie",
+    "this film",
+    "the plot",
+    "the acting",
+    "the music",
+    "the ending",
+    "the cast",
+    "the story",
+    "the script",
+    "the director's work",
+]
 TEMPLATES = [
     "{s} was {a}",
     "i thought {s} was {a}",
@@ -67,9 +77,17 @@ def make_bert(out: Path, csv: Path) -> None:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special)
+    )
+    fast = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     from tokenizers.processors import TemplateProcessing
 
     fast.backend_tokenizer.post_processor = TemplateProcessing(
@@ -78,9 +96,17 @@ def make_bert(out: Path, csv: Path) -> None:
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     fast.save_pretrained(out)
-    config = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    config = BertConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
     BertForSequenceClassification(config).save_pretrained(out)
 
 
@@ -99,9 +125,18 @@ def make_images(out: Path) -> None:
 def make_vit(out: Path) -> None:
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
-                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=5)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=5,
+    )
     ViTForImageClassification(config).save_pretrained(out)
 
 
@@ -117,10 +152,17 @@ def pretrain_vit(root: Path, quick: bool) -> None:
     recipe_path = Path(__file__).with_name("vision_finetune.yaml")
     run = root / "vit-pretrain-run"
     steps = ["train.max_steps=3", "train.epochs=1"] if quick else ["train.epochs=12"]
-    recipe = load_recipe(str(recipe_path), [
-        f"model.hf.pretrained={root / 'vit-tiny'}", f"data.source=imagefolder:{root / 'digits-images'}",
-        'data.classes=["0","1","2","3","4"]', "~finetune", "optimizer.lr=0.003", *steps,
-    ])
+    recipe = load_recipe(
+        str(recipe_path),
+        [
+            f"model.hf.pretrained={root / 'vit-tiny'}",
+            f"data.source=imagefolder:{root / 'digits-images'}",
+            'data.classes=["0","1","2","3","4"]',
+            "~finetune",
+            "optimizer.lr=0.003",
+            *steps,
+        ],
+    )
     dist_train.train(recipe, str(run), restart=True)
     state = load_file(str(run / "model.safetensors"))
     shutil.copy(run / "model.safetensors", root / "vit-digits-0to4.safetensors")

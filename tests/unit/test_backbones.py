@@ -1,0 +1,235 @@
+"""model.factory / model.hf backbones, the logits rule, data.text: built through the CLI in this
+process (check / summary / train), bad inputs exit 2 naming the recipe key."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from procs import ROOT, cli, cli_here, weights
+
+from dist_train.errors import UserError
+from dist_train.model.backbone import logits_of
+
+FACTORIES = {"PYTHONPATH": str(ROOT / "tests")}  # `factories:NAME` importable (in-process too)
+
+
+@pytest.fixture(autouse=True)
+def _factories_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+
+
+def write(tmp_path: Path, recipe: dict) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)
+
+
+def table_recipe(model: dict) -> dict:
+    return {
+        "name": "bb",
+        "data": {"source": "sklearn:wine", "target": "target", "task": "multiclass"},
+        "model": model,
+        "loss": "cross_entropy",
+        "optimizer": {"name": "sgd", "lr": 0.01},
+        "train": {"epochs": 1, "batch_size": 16},
+    }
+
+
+def text_recipe(hf_text: Path, **model) -> dict:
+    return {
+        "name": "txt",
+        "data": {
+            "source": f"csv:{hf_text / 'reviews.csv'}",
+            "text": "text",
+            "target": "label",
+            "task": "multiclass",
+            "max_length": 24,
+        },
+        "model": model
+        or {"hf": {"pretrained": str(hf_text / "bert-tiny"), "task": "sequence_classification"}},
+        "loss": "cross_entropy",
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "train": {"epochs": 1, "batch_size": 32, "max_steps": 3},
+        "metrics": ["accuracy"],
+    }
+
+
+def test_logits_rule():
+    from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
+
+    t = torch.ones(2, 3)
+    assert logits_of(t, "m") is t
+    assert logits_of(SequenceClassifierOutput(logits=t), "m") is t
+    assert logits_of({"logits": t, "x": 1}, "m") is t
+    assert logits_of((None, t, torch.zeros(1)), "m") is t
+    with pytest.raises(UserError, match=r"model.hf: .*ModelOutput without logits"):
+        logits_of(BaseModelOutput(last_hidden_state=t), "model.hf")
+    with pytest.raises(UserError, match=r"model.factory: .*dict without logits"):
+        logits_of({"hidden": t}, "model.factory")
+    with pytest.raises(UserError, match="not logits"):
+        logits_of("text", "model.factory")
+
+
+def test_factory_function_with_out_kwarg_and_summary(tmp_path):
+    model = {
+        "factory": {"path": "factories:mlp", "kwargs": {"in_features": 13, "num_classes": "out"}}
+    }
+    path = write(tmp_path, table_recipe(model))
+    r = cli_here("check", path)
+    assert r.returncode == 0, r.stderr
+    r = cli_here("summary", path)
+    assert r.returncode == 0, r.stderr
+    # the backbone's own children, its output (3 wine classes) on the last; parameter counts
+    assert "backbone.2" in r.stdout and "[3]" in r.stdout
+    assert f"{13 * 16 + 16 + 16 * 3 + 3:,} total" in r.stdout
+
+
+def test_factory_class_tuple_output_with_layers_head_and_init(tmp_path):
+    """A tuple output counts by its first tensor; `model.layers` after it form a head sized by a
+    dry forward; model.init reaches the head only, never the factory's weights."""
+    model = {
+        "factory": {
+            "path": "factories:TupleMLP",
+            "kwargs": {"in_features": 13, "hidden": 8, "width": 5},
+        },
+        "layers": ["relu", {"linear": "out"}],
+        "init": {"weight": {"name": "constant", "val": 0.25}, "bias": "zeros"},
+    }
+    out = tmp_path / "run"
+    r = cli_here(
+        "train",
+        write(tmp_path, table_recipe(model)),
+        "-o",
+        str(out),
+        "train.max_steps=1",
+        "optimizer.lr=1e-9",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    w = weights(out / "model.safetensors")
+    assert w["layers.1.weight"].shape == (3, 5)
+    assert torch.allclose(w["layers.1.weight"], torch.full((3, 5), 0.25), atol=1e-6)
+    assert not torch.allclose(w["backbone.proj.weight"], torch.tensor(0.25), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (
+            {"path": "factories:no_such_thing"},
+            "model.factory.path `factories:no_such_thing`: cannot import",
+        ),
+        ({"path": "nosuchpkg.mod:fn"}, "model.factory.path `nosuchpkg.mod:fn`: cannot import"),
+        ({"path": "/tmp/x.py:fn"}, "model.factory.path `/tmp/x.py:fn`: expected"),
+        ({"path": "factories:mlp", "kwargs": {"in_feat": 13}}, "model.factory.kwargs"),
+        ({"path": "factories:not_a_module"}, "returned a str, not an nn.Module"),
+        (
+            {"path": "factories:DictOut", "kwargs": {"in_features": 13}},
+            "model.factory: .*dict without logits",
+        ),
+    ],
+)
+def test_bad_factory_exits_2_naming_the_key(tmp_path, factory, message):
+    r = cli_here("check", write(tmp_path, table_recipe({"factory": factory})))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    import re
+
+    assert re.search(message, r.stderr), r.stderr
+
+
+def test_model_output_without_logits_exits_2(tmp_path, hf_text):
+    """A transformers base model (hidden states, no classification head) through a factory."""
+    recipe = text_recipe(
+        hf_text,
+        factory={
+            "path": "transformers:BertModel.from_pretrained",
+            "kwargs": {"pretrained_model_name_or_path": str(hf_text / "bert-tiny")},
+        },
+    )
+    recipe["data"]["tokenizer"] = str(hf_text / "bert-tiny")
+    r = cli_here("check", write(tmp_path, recipe))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "model.factory: the model returns a BaseModelOutputWithPooling" in r.stderr
+    assert "ModelOutput without logits" in r.stderr
+
+
+def test_tokenizer_missing_exits_2_naming_data_tokenizer(tmp_path, hf_text):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    recipe = text_recipe(hf_text)
+    recipe["data"]["tokenizer"] = str(empty)
+    r = cli_here("check", write(tmp_path, recipe))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"data.tokenizer `{empty}`: no tokenizer there" in r.stderr
+
+
+def test_text_needs_a_model_that_embeds_tokens(tmp_path, hf_text):
+    recipe = text_recipe(hf_text, layers=[{"linear": "out"}])
+    r = cli_here("check", write(tmp_path, recipe))
+    assert r.returncode == 2 and "data.text" in r.stderr, r.stderr
+
+
+def test_hf_text_trains_head_sized_from_data_and_predicts(tmp_path, hf_text):
+    """3 steps of the tiny BERT: the 2-label head comes from the data, the encoder from the
+    directory (bitwise before training), predict writes labels and probabilities per row."""
+    from safetensors.torch import load_file
+
+    path = write(tmp_path, text_recipe(hf_text))
+    r = cli_here("check", path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model.hf: BertForSequenceClassification" in r.stdout
+    out = tmp_path / "run"
+    r = cli_here("train", path, "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    w = weights(out / "model.safetensors")
+    assert w["backbone.classifier.weight"].shape == (2, 32)
+    pre = load_file(str(hf_text / "bert-tiny" / "model.safetensors"))
+    key = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(pre[key], w[f"backbone.{key}"])  # trained
+    preds = tmp_path / "preds.csv"
+    r = cli_here(
+        "predict",
+        path,
+        "--checkpoint",
+        str(out),
+        "--data",
+        f"csv:{hf_text / 'reviews.csv'}",
+        "-o",
+        str(preds),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = preds.read_text().splitlines()
+    assert lines[0] == "row,prediction,prob_negative,prob_positive,target" and len(lines) == 2001
+
+
+def test_hf_init_never_touches_the_pretrained_backbone(tmp_path, hf_text):
+    from safetensors.torch import load_file
+
+    recipe = text_recipe(hf_text)
+    recipe["model"]["init"] = {"weight": "zeros", "bias": "zeros"}
+    out = tmp_path / "run"
+    r = cli_here(
+        "train", write(tmp_path, recipe), "-o", str(out), "optimizer.lr=1e-12", "train.max_steps=1"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    pre = load_file(str(hf_text / "bert-tiny" / "model.safetensors"))
+    w = weights(out / "model.safetensors")
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(pre[key], w[f"backbone.{key}"], atol=1e-9)
+    assert pre[key].abs().sum() > 0
+
+
+def test_hub_id_without_network_exits_2(tmp_path, hf_text):
+    recipe = text_recipe(hf_text)
+    recipe["model"]["hf"]["pretrained"] = "someone/not-downloadable"
+    recipe["data"]["tokenizer"] = str(hf_text / "bert-tiny")
+    r = cli("check", write(tmp_path, recipe), HF_HUB_OFFLINE="1")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "model.hf.pretrained `someone/not-downloadable`: cannot load" in r.stderr
+    assert "Traceback" not in r.stderr
