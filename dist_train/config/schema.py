@@ -191,7 +191,9 @@ class InitConfig(Strict):
 
 
 class ModelConfig(Strict):
-    layers: list[Layer] | None = Field(None, description="layer list, applied in order")
+    layers: list[Layer] | None = Field(
+        None, description="layer list, applied in order (after a backbone: its head)"
+    )
     init: InitConfig | None = Field(None, description="parameter initialisation per kind")
     module: ModuleArgs | None = Field(None, description="whole model from an importable class")
     factory: FactoryArgs | None = Field(

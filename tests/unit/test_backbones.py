@@ -225,6 +225,7 @@ def test_hf_init_never_touches_the_pretrained_backbone(tmp_path, hf_text):
     assert pre[key].abs().sum() > 0
 
 
+@pytest.mark.slow  # a child process: seconds of imports (transformers), HF_HUB_OFFLINE set before
 def test_hub_id_without_network_exits_2(tmp_path, hf_text):
     recipe = text_recipe(hf_text)
     recipe["model"]["hf"]["pretrained"] = "someone/not-downloadable"
