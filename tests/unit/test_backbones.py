@@ -76,6 +76,20 @@ def test_logits_rule():
         logits_of("text", "model.factory")
 
 
+def test_token_rows_are_cut_to_the_longest_row_of_the_batch():
+    from dist_train.model.backbone import TokenInputs
+
+    ids = torch.tensor([[5, 6, 0, 0, 0], [7, 8, 9, 0, 0]])
+    mask = (ids > 0).long()
+    x = torch.stack([ids, mask], dim=1)  # [N, K, L] as stored
+    got = TokenInputs(["input_ids", "attention_mask"], right_padded=True)(x)
+    assert torch.equal(got["input_ids"], ids[:, :3]) and torch.equal(
+        got["attention_mask"], mask[:, :3]
+    )
+    kept = TokenInputs(["input_ids", "attention_mask"], right_padded=False)(x)
+    assert kept["input_ids"].shape == (2, 5)  # left padding: nothing to cut at the end
+
+
 def test_factory_function_with_out_kwarg_and_summary(tmp_path):
     model = {
         "factory": {"path": "factories:mlp", "kwargs": {"in_features": 13, "num_classes": "out"}}
@@ -189,6 +203,14 @@ def test_hf_text_trains_head_sized_from_data_and_predicts(tmp_path, hf_text):
     assert r.returncode == 0, r.stderr[-2000:]
     w = weights(out / "model.safetensors")
     assert w["backbone.classifier.weight"].shape == (2, 32)
+    r = cli_here("summary", path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("backbone")}
+    assert (
+        set(rows) == {"backbone.bert", "backbone.dropout", "backbone.classifier"}
+        and "[2]" in rows["backbone.classifier"]
+    )
+    assert "26,594 total, 26,594 trainable" in r.stdout
     pre = load_file(str(hf_text / "bert-tiny" / "model.safetensors"))
     key = "bert.embeddings.word_embeddings.weight"
     assert not torch.equal(pre[key], w[f"backbone.{key}"])  # trained
