@@ -69,6 +69,7 @@ def make_reviews(path: Path, rows: int = 2000, seed: int = 0) -> None:
 
 
 def make_bert(out: Path, csv: Path) -> None:
+    import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -96,6 +97,7 @@ def make_bert(out: Path, csv: Path) -> None:
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     fast.save_pretrained(out)
+    torch.manual_seed(0)  # the same "pretrained" weights on every run
     config = BertConfig(
         vocab_size=len(fast),
         hidden_size=32,
@@ -123,8 +125,10 @@ def make_images(out: Path) -> None:
 
 
 def make_vit(out: Path) -> None:
+    import torch
     from transformers import ViTConfig, ViTForImageClassification
 
+    torch.manual_seed(0)
     config = ViTConfig(
         image_size=16,
         patch_size=4,

@@ -211,6 +211,12 @@ class ModelConfig(Strict):
             raise ValueError(
                 "model: give `layers` (a list), or a backbone (`module`, `factory` or `hf`)"
             )
+        if self.init is not None and self.layers is None and self.module is None:
+            raise ValueError(
+                "model.init: applies only to layers the recipe creates (model.layers, "
+                "model.module), never to a factory/hf model's weights; remove it or add a head "
+                "in model.layers"
+            )
         return self
 
 

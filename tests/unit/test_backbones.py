@@ -231,10 +231,14 @@ def test_hf_text_trains_head_sized_from_data_and_predicts(tmp_path, hf_text):
 
 
 def test_hf_init_never_touches_the_pretrained_backbone(tmp_path, hf_text):
+    """model.init reaches the head in model.layers only (alone with model.hf it is refused)."""
     from safetensors.torch import load_file
 
     recipe = text_recipe(hf_text)
-    recipe["model"]["init"] = {"weight": "zeros", "bias": "zeros"}
+    recipe["model"]["init"] = {"weight": {"name": "constant", "val": 0.5}, "bias": "zeros"}
+    r = cli_here("check", write(tmp_path, recipe))
+    assert r.returncode == 2 and "model.init: applies only to layers" in r.stderr, r.stderr
+    recipe["model"]["layers"] = ["relu", {"linear": "out"}]
     out = tmp_path / "run"
     r = cli_here(
         "train", write(tmp_path, recipe), "-o", str(out), "optimizer.lr=1e-12", "train.max_steps=1"
@@ -245,6 +249,8 @@ def test_hf_init_never_touches_the_pretrained_backbone(tmp_path, hf_text):
     key = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.allclose(pre[key], w[f"backbone.{key}"], atol=1e-9)
     assert pre[key].abs().sum() > 0
+    # the head after the checkpoint's own 2-wide classifier: initialised by the recipe
+    assert torch.allclose(w["layers.1.weight"], torch.full((2, 2), 0.5), atol=1e-9)
 
 
 @pytest.mark.slow  # a child process: seconds of imports (transformers), HF_HUB_OFFLINE set before
