@@ -98,7 +98,6 @@ def test_two_process_launch_trains_with_world_size_two(name, pretrained, tmp_pat
     assert info["world_size"] == 2 and info["status"] == "finished"
 
 
-@pytest.mark.slow
 def test_text_recipe_reaches_its_stated_accuracy(hf_text, tmp_path):
     """recipes/text_classification.yaml as shipped (its header and README state >= 0.95 valid
     accuracy) on the CSV and tiny BERT that make_pretrained.py writes."""
