@@ -9,6 +9,8 @@ row (dynamic padding) and hands the model keyword arguments.
 
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 import torch
 
@@ -49,18 +51,16 @@ def load_tokenizer(path: str | None):
 def tokenize(frame, cfg: DataConfig, source: str) -> tuple[torch.Tensor, list[str], bool]:
     """(rows [N, K, max_length] int64, the K input names, right-padded?) from the text
     column(s) of `frame`, in one batched call of the fast (Rust, multi-threaded) tokenizer."""
-    from dist_train.data.sources import _column
-
     tok = load_tokenizer(cfg.tokenizer)
     texts = []
     for name in text_columns(cfg):
-        col = _column(frame, name, source)
-        bad = next((i for i, v in enumerate(col.tolist()) if not isinstance(v, str)), None)
+        col = _strings(frame, name, source)
+        bad = next((i for i, v in enumerate(col) if not isinstance(v, str)), None)
         if bad is not None:
             raise UserError(
                 f"data.text `{name}`: row {bad} is {col[bad]!r}, not text; fill or drop it."
             )
-        texts.append(col.tolist())
+        texts.append(col)
     enc = tok(
         *texts,
         truncation=True,
@@ -71,3 +71,19 @@ def tokenize(frame, cfg: DataConfig, source: str) -> tuple[torch.Tensor, list[st
     names = [n for n in tok.model_input_names if n in enc]
     rows = np.stack([np.asarray(enc[n], dtype=np.int64) for n in names], axis=1)
     return torch.from_numpy(rows), names, tok.padding_side == "right"
+
+
+def _strings(frame, name: str, source: str) -> list:
+    """One column as a Python list, through arrow in one call for a datasets.Dataset (its
+    per-row access formats each row separately)."""
+    if name not in frame.column_names:
+        close = difflib.get_close_matches(name, frame.column_names, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise UserError(
+            f"data.text: column `{name}` not in {source}; {hint}columns: "
+            f"{', '.join(frame.column_names[:20])}"
+        )
+    arrow = getattr(frame, "with_format", None)
+    if arrow is not None:
+        return arrow("arrow")[name].to_pylist()
+    return list(frame[name])

@@ -204,8 +204,8 @@ def build_backbone_net(cfg, data, out: int, accelerator=None):
     from dist_train.model.net import (
         Net,
         Standardize,
-        _build_layers,
         apply_init,
+        build_layers,
         import_module_class,
     )
 
@@ -230,7 +230,7 @@ def build_backbone_net(cfg, data, out: int, accelerator=None):
                 feats = net.features(net.input_norm(probe))
         finally:
             net.train()
-        net.layers = _build_layers(cfg.layers, tuple(feats.shape[1:]), out)
+        net.layers = build_layers(cfg.layers, tuple(feats.shape[1:]), out)
         if cfg.init is not None:
             apply_init(net.layers, cfg.init)
     return net, notes

@@ -78,13 +78,13 @@ def build_model(
     if module is not None:
         body = import_module_class(module, input_shape, out_features)
     else:
-        body = _build_layers(layers or [], input_shape, out_features)
+        body = build_layers(layers or [], input_shape, out_features)
     if init is not None:
         apply_init(body, init)
     return Net(body, Standardize(*norm) if norm is not None else None)
 
 
-def _build_layers(specs: Sequence[LayerSpec], input_shape: tuple[int, ...], out: int) -> nn.Module:
+def build_layers(specs: Sequence[LayerSpec], input_shape: tuple[int, ...], out: int) -> nn.Module:
     seq = nn.Sequential()
     x = torch.zeros(2, *input_shape)  # batch of 2 so batchnorm accepts the probe in train mode
     for i, spec in enumerate(specs):
