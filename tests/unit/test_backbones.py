@@ -262,3 +262,25 @@ def test_hub_id_without_network_exits_2(tmp_path, hf_text):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "model.hf.pretrained `someone/not-downloadable`: cannot load" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_text_pairs_train_with_token_type_ids(tmp_path, hf_text):
+    """Two text columns: [CLS] a [SEP] b [SEP], with token_type_ids among the model inputs."""
+    csv = tmp_path / "pairs.csv"
+    rows = (hf_text / "reviews.csv").read_text().splitlines()[1:201]
+    csv.write_text(
+        "premise,hypothesis,label\n"
+        + "\n".join(f'{r.rsplit(",", 1)[0]},"the verdict",{r.rsplit(",", 1)[1]}' for r in rows)
+        + "\n"
+    )
+    recipe = text_recipe(hf_text)
+    recipe["data"] |= {"source": f"csv:{csv}", "text": ["premise", "hypothesis"]}
+    r = cli_here("train", write(tmp_path, recipe), "-o", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from dist_train.build import build_data
+    from dist_train.config.recipe import load_recipe
+
+    data = build_data(load_recipe(write(tmp_path, recipe)))
+    assert data.input_names == ["input_ids", "token_type_ids", "attention_mask"]
+    types = data.train.x[:, 1]
+    assert int(types.max()) == 1 and int(types[:, 0].max()) == 0  # the second text is segment 1
