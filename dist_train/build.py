@@ -75,7 +75,7 @@ def build_components(
     if supplied.model is not None:
         model = supplied_model(supplied.model, recipe, data, head)
     else:
-        model = build_net(recipe, data, head)
+        model = build_net(recipe, data, head, accelerator, notes)
     report = freezing = None
     if finetune:
         from dist_train.model.finetune import prepare_finetune
@@ -156,23 +156,37 @@ def make_head(recipe: Recipe, data: DataBundle) -> tuple[Head, list[str]]:
 
 
 def build_data(recipe: Recipe) -> DataBundle:
-    return load_data(recipe.data, recipe.seed)
+    return load_data(data_config(recipe), recipe.seed)
 
 
-def build_net(recipe: Recipe, data: DataBundle, head: Head) -> Net:
+def data_config(recipe: Recipe):
+    """`recipe.data` with the tokenizer resolved (data.text: default model.hf.pretrained)."""
+    cfg, hf = recipe.data, recipe.model.hf
+    if cfg.text is not None and cfg.tokenizer is None and hf is not None:
+        return cfg.model_copy(update={"tokenizer": hf.pretrained})
+    return cfg
+
+
+def build_net(
+    recipe: Recipe,
+    data: DataBundle,
+    head: Head,
+    accelerator: Accelerator | None = None,
+    notes: list[str] | None = None,
+) -> Net:
     """Seeded construction: every rank (and every rerun) starts from the same weights."""
     out = head.out_features or data.num_classes
+    m = recipe.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        net = build_model(
-            recipe.model.layers,
-            recipe.model.module,
-            recipe.model.init,
-            data.input_shape,
-            out,
-            data.norm,
-        )
-    _check_output(net, data.input_shape, out, recipe)
+        if m.factory is not None or m.hf is not None or (m.module and m.layers):
+            from dist_train.model.backbone import build_backbone_net
+
+            net, said = build_backbone_net(m, data, out, accelerator)
+            (notes if notes is not None else []).extend(said)
+        else:
+            net = build_model(m.layers, m.module, m.init, data.input_shape, out, data.norm)
+    _check_output(net, data.input_shape, out, recipe, data.train.x.dtype)
     return net
 
 
@@ -180,23 +194,33 @@ def supplied_model(
     model: torch.nn.Module, recipe: Recipe, data: DataBundle, head: Head
 ) -> torch.nn.Module:
     """A copy of fit()'s model (the caller's object never changes, so a second fit() starts
-    from the same weights); the data statistics of data.standardize have no place in it."""
+    from the same weights); the data statistics of data.standardize have no place in it. A
+    model whose output is not a tensor (a transformers ModelOutput, a dict, a tuple) is
+    wrapped so that its logits come out (model/backbone.py's one rule); its parameter names
+    then read `backbone.<its own names>`, as for model.factory."""
     if data.norm is not None:
         raise UserError(
             "data.standardize: fit(model=...) trains your module as given, which cannot hold "
             "the train-split statistics; standardise in your Dataset or model, or drop it."
         )
     model = copy.deepcopy(model).cpu().train()
+    with torch.no_grad():
+        probe = model.eval()(torch.zeros(2, *data.input_shape))
+    model.train()
+    if not isinstance(probe, torch.Tensor):
+        model = Net(torch.nn.Identity(), backbone=model, where="fit(model=...)")
     _check_output(model, data.input_shape, head.out_features or data.num_classes, recipe)
     return model
 
 
-def _check_output(net: Net, input_shape: tuple[int, ...], out: int, recipe: Recipe) -> None:
+def _check_output(
+    net: Net, input_shape: tuple[int, ...], out: int, recipe: Recipe, dtype=torch.float32
+) -> None:
     """The model must emit one score per class (or 1): caught here, not at the first eval."""
     was_training = net.training
     net.eval()
     with torch.no_grad():
-        got = tuple(net(torch.zeros(2, *input_shape)).shape[1:])
+        got = tuple(net(torch.zeros(2, *input_shape, dtype=dtype)).shape[1:])
     net.train(was_training)
     if got != (out,):
         need = f"{out} ({recipe.data.task}, loss {recipe.loss.name})"

@@ -70,3 +70,33 @@ def reference_run(tmp_path_factory):
         return done[key]
 
     return get
+
+
+def _make_pretrained():
+    """recipes/make_pretrained.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "make_pretrained.py"
+    spec = importlib.util.spec_from_file_location("make_pretrained", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def hf_text(tmp_path_factory) -> Path:
+    """reviews.csv and a tiny BERT directory (random weights, WordPiece tokenizer), as
+    recipes/make_pretrained.py writes them: the text recipe's inputs, without the ViT."""
+    root = tmp_path_factory.mktemp("hf_text")
+    make = _make_pretrained()
+    make.make_reviews(root / "reviews.csv")
+    make.make_bert(root / "bert-tiny", root / "reviews.csv")
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_models(tmp_path_factory) -> Path:
+    """Everything recipes/make_pretrained.py makes (the ViT pretrained a few steps only)."""
+    root = tmp_path_factory.mktemp("local_models")
+    _make_pretrained().main(["--out", str(root), "--quick"])
+    return root

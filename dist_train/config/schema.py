@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from dist_train.config.backbones import FactoryArgs, HFArgs
 from dist_train.config.base import LOWER_IS_BETTER, Strict, batch_split_error, default_mode
 from dist_train.config.layers import LAYERS, LayerSpec, ModuleArgs, parse_layer
 from dist_train.config.run import (
@@ -175,6 +176,28 @@ class DataConfig(Strict):
         description="binary/multilabel: probability above which a label counts as predicted "
         "(metrics and predict)",
     )
+    text: str | list[str] | None = Field(
+        None,
+        description="text column (or two, for pairs) to tokenize instead of float features; "
+        "needs model.hf or model.factory",
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer directory or hub id (default: model.hf.pretrained)"
+    )
+    max_length: int = Field(128, ge=2, description="text: truncate to this many tokens")
+
+    @model_validator(mode="after")
+    def _text(self) -> DataConfig:
+        if self.text is None:
+            return self
+        if isinstance(self.text, list) and len(self.text) not in (1, 2):
+            raise ValueError("data.text: one column, or two for pairs")
+        for key in ("features", "shape", "image_size", "augment"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"data.{key}: not used with data.text (tokens); remove it")
+        if self.standardize:
+            raise ValueError("data.standardize: token ids are not standardized; remove it")
+        return self
 
 
 class InitScheme(Strict):
@@ -215,14 +238,32 @@ class InitConfig(Strict):
 
 
 class ModelConfig(Strict):
-    layers: list[Layer] | None = Field(None, description="layer list, applied in order")
+    layers: list[Layer] | None = Field(
+        None, description="layer list, applied in order (after a backbone: its head)"
+    )
     init: InitConfig | None = Field(None, description="parameter initialisation per kind")
     module: ModuleArgs | None = Field(None, description="whole model from an importable class")
+    factory: FactoryArgs | None = Field(
+        None, description="backbone from any callable returning an nn.Module"
+    )
+    hf: HFArgs | None = Field(None, description="backbone from transformers (extra `[hf]`)")
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelConfig:
-        if (self.layers is None) == (self.module is None):
-            raise ValueError("model: give exactly one of `layers` (a list) or `module` (path)")
+        # One backbone at most; `layers` alone is the whole model, after a backbone its head.
+        given = [k for k in ("module", "factory", "hf") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"model: give one of module, factory or hf, not {' and '.join(given)}")
+        if not given and self.layers is None:
+            raise ValueError(
+                "model: give `layers` (a list), or a backbone (`module`, `factory` or `hf`)"
+            )
+        if self.init is not None and self.layers is None and self.module is None:
+            raise ValueError(
+                "model.init: applies only to layers the recipe creates (model.layers, "
+                "model.module), never to a factory/hf model's weights; remove it or add a head "
+                "in model.layers"
+            )
         return self
 
 
@@ -432,6 +473,7 @@ class Recipe(Strict):
         if self.model is None and not (info.context or {}).get("model_supplied"):
             raise ValueError("model: required key is missing (a layers list or a module)")
         _check_freeze(self)
+        _check_text(self)
         _check_loss_vs_task(self)
         _check_output_layer(self)
         check_task_options(self)
@@ -475,6 +517,25 @@ def _check_freeze(r: Recipe) -> None:
                     f"{where}: epoch {epoch} never comes (train.epochs is {r.train.epochs}; "
                     "epochs count from 0); lower it or train longer"
                 )
+
+
+def _check_text(r: Recipe) -> None:
+    if r.data.text is None:
+        return
+    hf = r.model.hf if r.model is not None else None
+    factory = r.model.factory if r.model is not None else None
+    if r.model is not None and hf is None and factory is None:
+        raise ValueError(
+            "data.text: token ids need a model that embeds them; use model.hf "
+            "(task: sequence_classification) or model.factory"
+        )
+    if r.data.tokenizer is None and hf is None:
+        raise ValueError("data.tokenizer: needed with data.text when there is no model.hf")
+    if r.data.task == "multilabel":
+        raise ValueError(
+            "data.text: text rows take one target column (binary or multiclass); multilabel "
+            "targets are read for float features only"
+        )
 
 
 def _check_output_layer(r: Recipe) -> None:

@@ -36,6 +36,8 @@ class DataBundle:
     classes: list | None  # label of each class index; None for regression
     feature_names: list[str] = field(default_factory=list)
     norm: tuple[torch.Tensor, torch.Tensor] | None = None
+    input_names: list[str] | None = None  # data.text: names of the K token rows (data/text.py)
+    right_padded: bool = True  # data.text: the tokenizer pads on the right
 
     @property
     def num_classes(self) -> int:
@@ -46,15 +48,33 @@ def load_data(cfg: DataConfig, seed: int, frames: tuple | None = None) -> DataBu
     """Load, encode, split and (optionally) standardise; identical on every rank. `frames`:
     (train, valid or None) tables already in memory (dist_train.fit's data, data/python.py)."""
     frame = frames[0] if frames else load_source(cfg.source, cfg)
+    if cfg.text is not None:  # token rows instead of float features
+        return _with_text(frame, cfg, seed, frames)
     targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
     feats = cfg.features or [c for c in frame.column_names if c not in targets]
     if cfg.task == "multilabel":
         return _load_multilabel(frame, feats, cfg, seed, frames)
     x_all, y_raw = _features(frame, feats, cfg), _column(frame, cfg.target, cfg.source)
+    return _encoded(x_all, y_raw, feats, cfg, seed, frames)
+
+
+def _with_text(frame, cfg: DataConfig, seed: int, frames: tuple | None) -> DataBundle:
+    from dist_train.data.text import text_columns, tokenize
+
+    x_all, names, right = tokenize(frame, cfg, cfg.source)
+    y_raw = _column(frame, cfg.target, cfg.source)
+    bundle = _encoded(x_all, y_raw, None, cfg, seed, frames)
+    bundle.feature_names, bundle.input_names, bundle.right_padded = text_columns(cfg), names, right
+    return bundle
+
+
+def _encoded(x_all, y_raw, feats, cfg: DataConfig, seed: int, frames: tuple | None) -> DataBundle:
+    """Single-label targets encoded (rows of classes not asked for dropped), then the split."""
     valid = None
     if cfg.valid_source:
         vframe = frames[1] if frames else load_source(cfg.valid_source, cfg, "data.valid_source")
-        valid = (_features(vframe, feats, cfg), _column(vframe, cfg.target, cfg.valid_source))
+        vx = _features(vframe, feats, cfg) if cfg.text is None else _tokens(vframe, cfg)
+        valid = (vx, _column(vframe, cfg.target, cfg.valid_source))
     classes, y_all, keep = _encode_targets(y_raw, cfg, None if valid is None else valid[1])
     x_all = x_all if bool(keep.all()) else x_all[keep]  # no second copy when nothing is dropped
     if valid is not None:
@@ -89,7 +109,13 @@ def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, see
     norm = None
     if cfg.standardize:
         norm = _fit_standardize(train.x)
-    return DataBundle(train, vtab, tuple(train.x.shape[1:]), classes, feats, norm)
+    return DataBundle(train, vtab, tuple(train.x.shape[1:]), classes, feats or [], norm)
+
+
+def _tokens(frame, cfg: DataConfig, source: str | None = None) -> torch.Tensor:
+    from dist_train.data.text import tokenize
+
+    return tokenize(frame, cfg, source or cfg.valid_source or cfg.source)[0]
 
 
 def _fit_standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,7 +421,10 @@ def load_table(
     """Another file with the recipe's columns and class encoding (eval/predict `--data`).
     Returns the table and whether it had targets (predict accepts files without them)."""
     frame = load_source(source, cfg, key="--data")
-    x = _features(frame, feature_names, cfg.model_copy(update={"source": source}))
+    if cfg.text is not None:
+        x = _tokens(frame, cfg, source)
+    else:
+        x = _features(frame, feature_names, cfg.model_copy(update={"source": source}))
     targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
     if not require_target and not set(targets) & set(frame.column_names):
         shape = (len(x), len(classes)) if cfg.task == "multilabel" else (len(x),)

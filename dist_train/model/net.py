@@ -33,16 +33,37 @@ class Standardize(nn.Module):
 
 
 class Net(nn.Module):
-    """`input_norm` (optional) then `layers`: parameter names read `layers.0.weight` as the
-    recipe's layer list is numbered, so freeze globs match what the user wrote."""
+    """`input_norm` (optional), `backbone` (optional: a factory/hf/module model, its output
+    reduced to logits), then `layers`: parameter names read `layers.0.weight` as the recipe's
+    layer list is numbered and `backbone.<its own names>`, so freeze globs match what the user
+    wrote. `inputs` (not a module) turns a batch tensor into the backbone's keyword arguments."""
 
-    def __init__(self, layers: nn.Module, input_norm: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        layers: nn.Module,
+        input_norm: nn.Module | None = None,
+        backbone: nn.Module | None = None,
+        inputs=None,
+        where: str = "model",
+    ) -> None:
         super().__init__()
         self.input_norm = input_norm if input_norm is not None else nn.Identity()
+        if backbone is not None:  # registered only when there is one: state dicts unchanged
+            self.backbone = backbone
         self.layers = layers
+        self.has_backbone, self.inputs, self.where = backbone is not None, inputs, where
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.input_norm(x))
+        x = self.input_norm(x)
+        if self.has_backbone:
+            x = self.features(x)
+        return self.layers(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        from dist_train.model.backbone import logits_of
+
+        out = self.backbone(**self.inputs(x)) if self.inputs is not None else self.backbone(x)
+        return logits_of(out, self.where)
 
 
 def build_model(
@@ -57,13 +78,13 @@ def build_model(
     if module is not None:
         body = import_module_class(module, input_shape, out_features)
     else:
-        body = _build_layers(layers or [], input_shape, out_features)
+        body = build_layers(layers or [], input_shape, out_features)
     if init is not None:
         apply_init(body, init)
     return Net(body, Standardize(*norm) if norm is not None else None)
 
 
-def _build_layers(specs: Sequence[LayerSpec], input_shape: tuple[int, ...], out: int) -> nn.Module:
+def build_layers(specs: Sequence[LayerSpec], input_shape: tuple[int, ...], out: int) -> nn.Module:
     seq = nn.Sequential()
     x = torch.zeros(2, *input_shape)  # batch of 2 so batchnorm accepts the probe in train mode
     for i, spec in enumerate(specs):
@@ -184,13 +205,25 @@ def apply_init(body: nn.Module, init: InitConfig) -> None:
                 bias_fn(mod.bias)
 
 
-def summary_rows(model: Net, input_shape: tuple[int, ...]) -> list[tuple[str, str, str, int, int]]:
-    """(name, type, output shape, trainable, frozen) per top-level layer."""
-    rows, x = [], torch.zeros(2, *input_shape)
+def summary_rows(
+    model: Net, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> list[tuple[str, str, str, int, int]]:
+    """(name, type, output shape, trainable, frozen) per top-level layer; a backbone gets a
+    row per top-level child, its output shape on the last one."""
+    rows, x = [], torch.zeros(2, *input_shape, dtype=dtype)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         x = model.input_norm(x)
+        if model.has_backbone:
+            x = model.features(x)
+            children = list(model.backbone.named_children()) or [("", model.backbone)]
+            for i, (name, part) in enumerate(children):
+                n_train = sum(p.numel() for p in part.parameters() if p.requires_grad)
+                n_frozen = sum(p.numel() for p in part.parameters() if not p.requires_grad)
+                shape = str(list(x.shape[1:])) if i == len(children) - 1 else ""
+                full = f"backbone.{name}" if name else "backbone"
+                rows.append((full, type(part).__name__, shape, n_train, n_frozen))
         for name, layer in model.layers.named_children():
             x = layer(x)
             n_train = sum(p.numel() for p in layer.parameters() if p.requires_grad)
@@ -202,8 +235,10 @@ def summary_rows(model: Net, input_shape: tuple[int, ...]) -> list[tuple[str, st
     return rows
 
 
-def format_summary(model: Net, input_shape: tuple[int, ...]) -> str:
-    rows = summary_rows(model, input_shape)
+def format_summary(
+    model: Net, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> str:
+    rows = summary_rows(model, input_shape, dtype)
     head = ("layer", "type", "output shape", "trainable", "frozen")
     table = [head] + [(n, t, s, f"{a:,}", f"{b:,}") for n, t, s, a, b in rows]
     widths = [max(len(r[i]) for r in table) for i in range(5)]

@@ -28,7 +28,6 @@ def check(path: str, overrides: list[str]) -> str:
 def summary(path: str, overrides: list[str]) -> str:
     """The layer table (a layer list: output shapes) and, for any model, trainable/frozen
     parameters per group (top-level module; a top-level layer list one row per layer)."""
-    from torch import nn
 
     from dist_train.model.freeze import format_groups
     from dist_train.model.net import Net, format_summary
@@ -37,7 +36,7 @@ def summary(path: str, overrides: list[str]) -> str:
     built = build_components(recipe, optimizer=False)
     model = built.model
     parts = [recipe.name]
-    if isinstance(model, Net) and isinstance(model.layers, nn.Sequential):
-        parts.append(format_summary(model, built.data.input_shape))
+    if isinstance(model, Net):  # layer lists and backbones: a row per layer / backbone part
+        parts.append(format_summary(model, built.data.input_shape, built.data.train.x.dtype))
     parts += ["", "parameters by group:", format_groups(model), *built.notes]
     return "\n".join(parts)

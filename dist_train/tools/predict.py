@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.build import build_components
+from dist_train.build import build_components, data_config
 from dist_train.config.recipe import load_recipe
 from dist_train.data.loaders import make_loader
 from dist_train.data.sources import Table, load_table
@@ -31,7 +31,11 @@ def _setup(args, require_target: bool):
     table, has_target = data.valid, True
     if args.data:
         table, has_target = load_table(
-            args.data, recipe.data, data.classes, data.feature_names, require_target=require_target
+            args.data,
+            data_config(recipe),
+            data.classes,
+            data.feature_names,
+            require_target=require_target,
         )
     if table is None:
         raise UserError(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from dist_train import build
@@ -43,7 +44,13 @@ def test_counting_leaves_training_state_alone():
     assert all(p.grad is None for p in net.parameters())
 
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+# The recipes made of the layer vocabulary (the transformers ones count only with
+# FlopCounterMode, where a peak is known; their data comes from recipes/make_pretrained.py).
+RECIPES = [
+    p
+    for p in sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+    if not {"hf", "factory"} & set(yaml.safe_load(p.read_text())["model"])
+]
 
 
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=[p.stem for p in RECIPES])

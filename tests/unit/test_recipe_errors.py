@@ -253,13 +253,13 @@ CASES = [
         overrides=("optimizer.nesterov=true", "optimizer.momentum=0"),
     ),
     Case(
-        "both_layers_and_module",
-        ("model:", "exactly one of `layers`", "`module`"),
-        at("model.module", {"path": "torch.nn:Linear"}),
+        "two_backbones",
+        ("model:", "one of module, factory or hf", "module and factory"),
+        overrides=("model.module.path=torch.nn:Linear", "model.factory.path=torch.nn:Linear"),
     ),
     Case(
-        "neither_layers_nor_module",
-        ("model:", "exactly one of `layers`"),
+        "neither_layers_nor_backbone",
+        ("model:", "give `layers`", "a backbone"),
         overrides=("~model.layers",),
     ),
     # --- overrides ------------------------------------------------------------------------
