@@ -28,6 +28,7 @@ def check(path: str, overrides: list[str]) -> str:
 def summary(path: str, overrides: list[str]) -> str:
     """The layer table (a layer list: output shapes) and, for any model, trainable/frozen
     parameters per group (top-level module; a top-level layer list one row per layer)."""
+    from torch import nn
 
     from dist_train.model.freeze import format_groups
     from dist_train.model.net import Net, format_summary
@@ -36,7 +37,9 @@ def summary(path: str, overrides: list[str]) -> str:
     built = build_components(recipe, optimizer=False)
     model = built.model
     parts = [recipe.name]
-    if isinstance(model, Net):  # layer lists and backbones: a row per layer / backbone part
+    # Layer lists and backbones: a row per layer / backbone part (a model.module is one module
+    # of the user's, whose children need not run in sequence: its groups below say enough).
+    if isinstance(model, Net) and (model.has_backbone or isinstance(model.layers, nn.Sequential)):
         parts.append(format_summary(model, built.data.input_shape, built.data.train.x.dtype))
     parts += ["", "parameters by group:", format_groups(model), *built.notes]
     return "\n".join(parts)

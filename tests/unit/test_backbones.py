@@ -205,7 +205,8 @@ def test_hf_text_trains_head_sized_from_data_and_predicts(tmp_path, hf_text):
     assert w["backbone.classifier.weight"].shape == (2, 32)
     r = cli_here("summary", path)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("backbone")}
+    layer_table = r.stdout.split("parameters by group:")[0]  # then trainable/frozen per group
+    rows = {ln.split()[0]: ln for ln in layer_table.splitlines() if ln.startswith("backbone")}
     assert (
         set(rows) == {"backbone.bert", "backbone.dropout", "backbone.classifier"}
         and "[2]" in rows["backbone.classifier"]
