@@ -63,6 +63,10 @@ def build_components(
         return Components(data, head, model, notes)
     from dist_train.training.distributed import configure_ddp, place_model
 
+    if recipe.train.activation_checkpointing:  # after freezing; names unchanged
+        from dist_train.model.blocks import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, recipe.train.fsdp.wrap)
     if accelerator is not None and accelerator.num_processes > 1:
         configure_ddp(accelerator, model, data.train.x[:2], data.train.y[:2], head)
     if accelerator is not None:

@@ -246,6 +246,14 @@ class EarlyStopping(Strict):
     min_delta: float = Field(0.0, ge=0, description="smallest change counted as improvement")
 
 
+class FsdpConfig(Strict):
+    wrap: list[str] = Field(
+        default_factory=list,
+        description="module class names that form the blocks (checkpointed / sharded one by "
+        "one); empty: the layer list's groups, or a transformer's layer list",
+    )
+
+
 class TrainConfig(Strict):
     epochs: int = Field(
         10,
@@ -282,6 +290,12 @@ class TrainConfig(Strict):
     max_nonfinite_skips: int = Field(
         10, ge=1, description="with skip: stop after this many consecutive skipped steps"
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in backward instead of keeping them "
+        "(less memory, ~1 extra forward); blocks: see train.fsdp.wrap",
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="blocks and sharding")
     collective_timeout_s: int = Field(
         1800,
         ge=10,
