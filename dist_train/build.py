@@ -67,12 +67,17 @@ def build_components(
         from dist_train.model.blocks import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, recipe.train.fsdp.wrap)
-    if accelerator is not None and accelerator.num_processes > 1:
+    fsdp = recipe.train.strategy == "fsdp"
+    if accelerator is not None and accelerator.num_processes > 1 and not fsdp:
         configure_ddp(accelerator, model, data.train.x[:2], data.train.y[:2], head)
     if accelerator is not None:
         # On a GPU the model moves before the optimizer is built (fused optimizer kernels need
         # the parameters' device); `train.compile` compiles it in place (clean state dicts).
         model = place_model(model, accelerator.device, recipe.train.compile)
+        if fsdp:  # sharded before the optimizer exists: it holds this rank's shards only
+            from dist_train.training.fsdp import shard_model
+
+            model = shard_model(model, recipe.train, accelerator.device)
     opt = build_optimizer(model, recipe.optimizer)
     n_train = len(data.train.y)
     total = total_steps(recipe, n_train)

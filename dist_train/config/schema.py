@@ -252,6 +252,14 @@ class FsdpConfig(Strict):
         description="module class names that form the blocks (checkpointed / sharded one by "
         "one); empty: the layer list's groups, or a transformer's layer list",
     )
+    reshard_after_forward: bool = Field(
+        True,
+        description="free each block's gathered parameters after its forward (gathered again "
+        "in backward): less memory, one more all-gather per block",
+    )
+    cpu_offload: bool = Field(
+        False, description="keep parameter shards, gradients and optimizer state in CPU memory"
+    )
 
 
 class TrainConfig(Strict):
@@ -289,6 +297,11 @@ class TrainConfig(Strict):
     )
     max_nonfinite_skips: int = Field(
         10, ge=1, description="with skip: stop after this many consecutive skipped steps"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: full model on every process (through Accelerate); fsdp: FSDP2 "
+        "shards parameters, gradients and optimizer state over the processes",
     )
     activation_checkpointing: bool = Field(
         False,
