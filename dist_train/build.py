@@ -14,6 +14,7 @@ import torch
 from dist_train.config.schema import Recipe
 from dist_train.data.sources import DataBundle, load_data
 from dist_train.errors import UserError
+from dist_train.model import meta
 from dist_train.model.head import Head
 from dist_train.model.net import Net, build_model
 
@@ -52,7 +53,12 @@ def build_components(
     `accelerator` None builds on the CPU of this one process (check, summary)."""
     data = load_data_once(accelerator, recipe)
     head = make_head(recipe)
-    model = build_net(recipe, data, head)
+    world = accelerator.num_processes if accelerator is not None else 1
+    local = None  # fsdp: this rank's shards of a model built on the meta device
+    if optimizer and meta.wanted(recipe, world):
+        model, local = meta.build_local_net(recipe, data, head, accelerator.process_index, world)
+    else:
+        model = build_net(recipe, data, head)
     notes: list[str] = []
     if finetune:
         from dist_train.model.finetune import prepare_finetune
@@ -73,11 +79,15 @@ def build_components(
     if accelerator is not None:
         # On a GPU the model moves before the optimizer is built (fused optimizer kernels need
         # the parameters' device); `train.compile` compiles it in place (clean state dicts).
-        model = place_model(model, accelerator.device, recipe.train.compile)
+        # A meta model is placed by materialize, shard by shard (here only compiled).
+        device = accelerator.device if local is None else torch.device("cpu")
+        model = place_model(model, device, recipe.train.compile)
         if fsdp:  # sharded before the optimizer exists: it holds this rank's shards only
             from dist_train.training.fsdp import shard_model
 
             model = shard_model(model, recipe.train, accelerator.device)
+        if local is not None:
+            meta.materialize(model, local, accelerator.device)
     opt = build_optimizer(model, recipe.optimizer)
     n_train = len(data.train.y)
     total = total_steps(recipe, n_train)
@@ -139,8 +149,9 @@ def _check_output(net: Net, input_shape: tuple[int, ...], out: int, recipe: Reci
     """The model must emit one score per class (or 1): caught here, not at the first eval."""
     was_training = net.training
     net.eval()
+    device = next(net.parameters(), torch.empty(0)).device  # meta (model/meta.py) or cpu
     with torch.no_grad():
-        got = tuple(net(torch.zeros(2, *input_shape)).shape[1:])
+        got = tuple(net(torch.zeros(2, *input_shape, device=device)).shape[1:])
     net.train(was_training)
     if got != (out,):
         need = f"{out} ({recipe.data.task}, loss {recipe.loss.name})"

@@ -129,3 +129,33 @@ def test_switching_strategy_on_resume_is_refused(tiny_recipe, tmp_path):
     r = cli_here(*args, "train.strategy=fsdp", "--allow-changed")
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "written with train.strategy ddp, this run uses fsdp" in r.stdout + r.stderr
+
+
+def test_nonfinite_step_is_skipped_alike_on_every_shard(tiny_data, tiny_recipe, tmp_path):
+    """One training row with f0 = inf: its step's gradients are NaN. On 2 FSDP ranks the
+    guard (the global norm of the sharded gradients) skips that step on both, as one process
+    does: the same skipped step, and weights within 1e-5 of the one-process run."""
+    lines = tiny_data["train"].read_text().splitlines()
+    cells = lines[101].split(",")
+    lines[101] = ",".join(["inf", *cells[1:]])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    common = [
+        f"data.source=csv:{bad}",
+        "data.standardize=false",
+        "train.on_nonfinite=skip",
+        "train.epochs=1",
+        "train.log_every_steps=5",
+    ]
+    runs = {n: tmp_path / f"run{n}" for n in (1, 2)}
+    for n, run in runs.items():
+        args = ["train", str(tiny_recipe), "-o", str(run), *common, "train.strategy=fsdp"]
+        r = cli_here(*args) if n == 1 else cli(*args, nproc=n)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert run_info(run)["world_size"] == n
+    skipped = [[e["step"] for e in events(run, "nonfinite")] for run in runs.values()]
+    assert skipped[0] == skipped[1] and len(skipped[0]) == 1, skipped
+    assert (
+        max_diff(weights(runs[1] / "model.safetensors"), weights(runs[2] / "model.safetensors"))
+        < 1e-5
+    )
