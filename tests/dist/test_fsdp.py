@@ -131,10 +131,15 @@ def test_switching_strategy_on_resume_is_refused(tiny_recipe, tmp_path):
     assert "written with train.strategy ddp, this run uses fsdp" in r.stdout + r.stderr
 
 
-def test_nonfinite_step_is_skipped_alike_on_every_shard(tiny_data, tiny_recipe, tmp_path):
+def test_nonfinite_step_is_skipped_alike_on_every_shard(
+    tiny_data, tiny_recipe, reference_run, tmp_path
+):
     """One training row with f0 = inf: its step's gradients are NaN. On 2 FSDP ranks the
     guard (the global norm of the sharded gradients) skips that step on both, as one process
-    does: the same skipped step, and weights within 1e-5 of the one-process run."""
+    does: the same skipped step, and weights within 1e-5 of the one-process run. Both
+    fine-tune from a pretrained file with the first layer frozen (FSDP2 with frozen
+    parameters; built plainly, then sharded): the frozen tensors stay bitwise unchanged."""
+    pretrained = reference_run(tiny_recipe, *FSDP[1:]) / "model.safetensors"
     lines = tiny_data["train"].read_text().splitlines()
     cells = lines[101].split(",")
     lines[101] = ",".join(["inf", *cells[1:]])
@@ -146,6 +151,7 @@ def test_nonfinite_step_is_skipped_alike_on_every_shard(tiny_data, tiny_recipe, 
         "train.on_nonfinite=skip",
         "train.epochs=1",
         "train.log_every_steps=5",
+        f"finetune={{from: {pretrained}, freeze: ['layers.0.*']}}",
     ]
     runs = {n: tmp_path / f"run{n}" for n in (1, 2)}
     for n, run in runs.items():
@@ -155,7 +161,8 @@ def test_nonfinite_step_is_skipped_alike_on_every_shard(tiny_data, tiny_recipe, 
         assert run_info(run)["world_size"] == n
     skipped = [[e["step"] for e in events(run, "nonfinite")] for run in runs.values()]
     assert skipped[0] == skipped[1] and len(skipped[0]) == 1, skipped
-    assert (
-        max_diff(weights(runs[1] / "model.safetensors"), weights(runs[2] / "model.safetensors"))
-        < 1e-5
-    )
+    one, two = (weights(run / "model.safetensors") for run in runs.values())
+    assert max_diff(one, two) < 1e-5
+    start = weights(pretrained)
+    assert all(bool((two[k] == start[k]).all()) for k in ("layers.0.weight", "layers.0.bias"))
+    assert not bool((two["layers.2.weight"] == start["layers.2.weight"]).all())  # trained
