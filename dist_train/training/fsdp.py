@@ -20,6 +20,7 @@ still sharded-format (DCP), so they load on any world size.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import torch
@@ -53,8 +54,13 @@ def shard_units(model: nn.Module, wrap: list[str]) -> list[nn.Module | list[nn.M
 def shard_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     """`fully_shard` each block, then the root (in place: parameter names are unchanged, the
     parameters become DTensors holding this rank's rows). `cfg`: the recipe's TrainConfig."""
+    if cfg.mixed_precision == "fp16":
+        raise UserError(
+            "train.mixed_precision: fp16 with train.strategy fsdp is not supported (it needs a "
+            "sharded grad scaler); use bf16, or strategy ddp."
+        )
     if world_size() == 1:
-        return model
+        return _autocast(model, cfg.mixed_precision, device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -63,11 +69,6 @@ def shard_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
         fully_shard,
     )
 
-    if cfg.mixed_precision == "fp16":
-        raise UserError(
-            "train.mixed_precision: fp16 with train.strategy fsdp is not supported (it needs a "
-            "sharded grad scaler); use bf16, or strategy ddp."
-        )
     mesh = init_device_mesh(device.type, (world_size(),))
     bf16 = cfg.mixed_precision == "bf16"
     policy = MixedPrecisionPolicy(
@@ -84,6 +85,18 @@ def shard_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     for unit in shard_units(model, cfg.fsdp.wrap):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    return model
+
+
+def _autocast(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """One process is not sharded and not given to accelerate's prepare(): its forward gets
+    the bf16 autocast prepare() would add (the sharded path casts by MixedPrecisionPolicy)."""
+    if precision != "bf16":
+        return model
+    from accelerate.utils import convert_outputs_to_fp32
+
+    cast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    model.forward = types.MethodType(convert_outputs_to_fp32(cast(type(model).forward)), model)
     return model
 
 
