@@ -105,6 +105,7 @@ def test_sharded_checkpoint_resumes_bitwise_and_reshards_to_one_and_three_ranks(
     r = cli(*args, nproc=2, **AUDIT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout and "step-000021" in r.stdout
+    assert run_info(run)["world_size"] == run_info(ref)["world_size"] == 2
     assert bitwise_equal(weights(run / "model.safetensors"), weights(ref / "model.safetensors"))
     want = _audit(ref)
     for n, copy in copies.items():
