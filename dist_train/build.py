@@ -16,6 +16,7 @@ from dist_train.config.schema import Recipe
 from dist_train.config.tasks import check_against_data
 from dist_train.data.sources import DataBundle, load_data
 from dist_train.errors import UserError
+from dist_train.model import meta
 from dist_train.model.head import Head
 from dist_train.model.net import Net, build_model
 
@@ -72,8 +73,12 @@ def build_components(
     data = load_data_once(accelerator, recipe, supplied)
     check_against_data(recipe, data.num_classes)  # e.g. accuracy@k needs k < the classes
     head, notes = make_head(recipe, data)
+    world = accelerator.num_processes if accelerator is not None else 1
+    local = None  # fsdp: this rank's shards of a model built on the meta device
     if supplied.model is not None:
         model = supplied_model(supplied.model, recipe, data, head)
+    elif optimizer and meta.wanted(recipe, world):
+        model, local = meta.build_local_net(recipe, data, head, accelerator.process_index, world)
     else:
         model = build_net(recipe, data, head, accelerator, notes)
     report = freezing = None
@@ -96,14 +101,27 @@ def build_components(
     check_mixing(recipe, data.input_shape)  # train/check/lr-find: mixup needs class targets
     from dist_train.training.distributed import configure_ddp, place_model
 
-    if accelerator is not None and accelerator.num_processes > 1:
+    if recipe.train.activation_checkpointing:  # after freezing; names unchanged
+        from dist_train.model.blocks import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, recipe.train.fsdp.wrap)
+    fsdp = recipe.train.strategy == "fsdp"
+    if accelerator is not None and accelerator.num_processes > 1 and not fsdp:
         configure_ddp(accelerator, model, data.train.x[:2], data.train.y[:2], head)
         if freezing is not None and freezing.scheduled:
             freezing.tell_ddp(accelerator)
     if accelerator is not None:
         # On a GPU the model moves before the optimizer is built (fused optimizer kernels need
         # the parameters' device); `train.compile` compiles it in place (clean state dicts).
-        model = place_model(model, accelerator.device, recipe.train.compile)
+        # A meta model is placed by materialize, shard by shard (here only compiled).
+        device = accelerator.device if local is None else torch.device("cpu")
+        model = place_model(model, device, recipe.train.compile)
+        if fsdp:  # sharded before the optimizer exists: it holds this rank's shards only
+            from dist_train.training.fsdp import shard_model
+
+            model = shard_model(model, recipe.train, accelerator.device)
+        if local is not None:
+            meta.materialize(model, local, accelerator.device)
     opt = build_optimizer(model, recipe.optimizer)
     n_train = len(data.train.y)
     total = total_steps(recipe, n_train)
@@ -186,7 +204,7 @@ def build_net(
             (notes if notes is not None else []).extend(said)
         else:
             net = build_model(m.layers, m.module, m.init, data.input_shape, out, data.norm)
-    _check_output(net, data.input_shape, out, recipe, data.train.x.dtype)
+    check_output(net, data.input_shape, out, recipe, data.train.x.dtype)
     return net
 
 
@@ -209,18 +227,19 @@ def supplied_model(
     model.train()
     if not isinstance(probe, torch.Tensor):
         model = Net(torch.nn.Identity(), backbone=model, where="fit(model=...)")
-    _check_output(model, data.input_shape, head.out_features or data.num_classes, recipe)
+    check_output(model, data.input_shape, head.out_features or data.num_classes, recipe)
     return model
 
 
-def _check_output(
+def check_output(
     net: Net, input_shape: tuple[int, ...], out: int, recipe: Recipe, dtype=torch.float32
 ) -> None:
     """The model must emit one score per class (or 1): caught here, not at the first eval."""
     was_training = net.training
     net.eval()
+    device = next(net.parameters(), torch.empty(0)).device  # meta (model/meta.py) or cpu
     with torch.no_grad():
-        got = tuple(net(torch.zeros(2, *input_shape, dtype=dtype)).shape[1:])
+        got = tuple(net(torch.zeros(2, *input_shape, dtype=dtype, device=device)).shape[1:])
     net.train(was_training)
     if got != (out,):
         need = f"{out} ({recipe.data.task}, loss {recipe.loss.name})"

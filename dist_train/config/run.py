@@ -141,7 +141,17 @@ class SlurmConfig(Strict):
     grace_s: int = Field(
         120, ge=0, description="seconds before the time limit when USR1 asks for a checkpoint"
     )
-    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node-level task")
+    cpus_per_task: int | None = Field(
+        None,
+        ge=1,
+        description="CPUs per node-level task (default: processes per node x train.threads, "
+        "or x 1: one core per rank)",
+    )
+    mem: str | None = Field(
+        None,
+        pattern=r"^\d+[KMGT]?$",
+        description="memory per node (sbatch --mem), e.g. 64G (default: the site's)",
+    )
     extra_sbatch: list[str] = Field(
         default_factory=list, description="extra sbatch options, e.g. --account=abc, --qos=high"
     )

@@ -343,6 +343,22 @@ class EarlyStopping(Strict):
     min_delta: float = Field(0.0, ge=0, description="smallest change counted as improvement")
 
 
+class FsdpConfig(Strict):
+    wrap: list[str] = Field(
+        default_factory=list,
+        description="module class names that form the blocks (checkpointed / sharded one by "
+        "one); empty: the layer list's groups, or a transformer's layer list",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="free each block's gathered parameters after its forward (gathered again "
+        "in backward): less memory, one more all-gather per block",
+    )
+    cpu_offload: bool = Field(
+        False, description="keep parameter shards, gradients and optimizer state in CPU memory"
+    )
+
+
 class TrainConfig(Strict):
     epochs: int = Field(
         10,
@@ -387,6 +403,17 @@ class TrainConfig(Strict):
     max_nonfinite_skips: int = Field(
         10, ge=1, description="with skip: stop after this many consecutive skipped steps"
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: full model on every process (through Accelerate); fsdp: FSDP2 "
+        "shards parameters, gradients and optimizer state over the processes",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in backward instead of keeping them "
+        "(less memory, ~1 extra forward); blocks: see train.fsdp.wrap",
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="blocks and sharding")
     collective_timeout_s: int = Field(
         1800,
         ge=10,
@@ -422,6 +449,13 @@ def _check_added_loop_keys(t: TrainConfig) -> None:
         t.eval_every_epochs = 0
     if t.ema and t.swa:
         raise ValueError("train.swa: give one of train.ema or train.swa (one average is kept)")
+    if t.strategy == "fsdp" and (t.ema or t.swa):
+        # The average copies the whole unwrapped module: with sharded parameters it would hold
+        # DTensor shards that the export and evaluation do not gather.
+        raise ValueError(
+            f"train.{'ema' if t.ema else 'swa'}: weight averaging is not supported with "
+            "train.strategy fsdp yet; drop the average or train with strategy ddp"
+        )
     if t.swa and t.swa.start_epoch > t.epochs:
         raise ValueError(
             f"train.swa.start_epoch: {t.swa.start_epoch} is after the last epoch "
@@ -509,6 +543,16 @@ def _check_loss_vs_task(r: Recipe) -> None:
 def _check_freeze(r: Recipe) -> None:
     if r.unfreeze and r.freeze is None and not (r.finetune and r.finetune.freeze):
         raise ValueError("unfreeze: lists exceptions to `freeze`, which is not set; add freeze")
+    scheduled = r.freeze is not None and bool(
+        r.freeze.schedule or r.freeze.unfreeze_at_epoch is not None
+    )
+    if scheduled and r.train.strategy == "fsdp":
+        # The schedule relies on DDP's unused-parameter search when parameters thaw mid-run;
+        # FSDP2 shards are laid out once for the trainable set they were built with.
+        raise ValueError(
+            "freeze.schedule: unfreezing during a run is not supported with train.strategy "
+            "fsdp; freeze a fixed set (no schedule) or train with strategy ddp"
+        )
     if r.freeze is not None:
         for epoch, _, key in r.freeze.steps():
             if epoch >= r.train.epochs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def add_slurm_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--grace", type=int, help="seconds before --time to checkpoint (default 120)")
     p.add_argument("--cpus-per-task", type=int, help="CPUs per node (sbatch --cpus-per-task)")
+    p.add_argument("--mem", help="memory per node (sbatch --mem), e.g. 64G")
     p.add_argument("--ifname", help="network interface for NCCL/gloo, e.g. ib0 (multi-node)")
     p.add_argument("--rdzv-timeout", type=int, help="multi-node: rendezvous timeout in seconds")
     p.add_argument(
@@ -72,6 +74,7 @@ def slurm_settings(args: argparse.Namespace, recipe) -> dict:
         "partition": pick(args.partition, "partition"),
         "grace_s": pick(args.grace, "grace_s"),
         "cpus_per_task": pick(args.cpus_per_task, "cpus_per_task"),
+        "mem": pick(args.mem, "mem"),
         "ifname": pick(args.ifname, "ifname"),
         "rdzv_timeout_s": pick(args.rdzv_timeout, "rdzv_timeout_s"),
         "extra_sbatch": [*base.extra_sbatch, *args.sbatch],
@@ -82,6 +85,13 @@ def slurm_settings(args: argparse.Namespace, recipe) -> dict:
             "cpu" if s["gpus_per_node"] == 0 else "single_node" if s["nodes"] == 1 else "multi_node"
         )
     s["kind"] = kind
+    if s["mem"] is not None and not re.fullmatch(r"\d+[KMGT]?", s["mem"]):
+        raise UserError(
+            f"--mem {s['mem']!r}: write memory per node as SLURM does, e.g. 64G or 32000 (MB)."
+        )
+    if s["cpus_per_task"] is None:  # one task per node runs all its ranks: cores for each
+        per_node = s["gpus_per_node"] if kind != "cpu" else (s["num_processes"] or 1)
+        s["cpus_per_task"] = max(1, per_node) * (recipe.train.threads or 1)
     return s
 
 

@@ -179,6 +179,7 @@ def _sbatch_extra(
     cpus_per_task: int | None,
     partition: str | None,
     extra: Sequence[str],
+    mem: str | None = None,
 ) -> str:
     """Optional #SBATCH lines: only what was asked for, so site defaults apply otherwise."""
     lines = []
@@ -188,6 +189,8 @@ def _sbatch_extra(
         lines.append(f"#SBATCH --gres=gpu:{gpus_per_node}")
     if cpus_per_task:
         lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    if mem:
+        lines.append(f"#SBATCH --mem={mem}")
     for item in extra:
         item = item.strip()
         lines.append(item if item.startswith("#SBATCH") else f"#SBATCH {item}")
@@ -213,6 +216,7 @@ def render_sbatch(
     gpus_per_node: int = 0,
     num_processes: int | None = None,
     cpus_per_task: int | None = None,
+    mem: str | None = None,
     time: str = "01:00:00",
     partition: str | None = None,
     grace_s: int = 120,
@@ -242,7 +246,9 @@ def render_sbatch(
         "time": time,
         "output": output or f"{run_dir}/slurm-%j.out",
         "grace_s": str(grace_s),
-        "sbatch_extra": _sbatch_extra(kind, gpus_per_node, cpus_per_task, partition, extra_sbatch),
+        "sbatch_extra": _sbatch_extra(
+            kind, gpus_per_node, cpus_per_task, partition, extra_sbatch, mem
+        ),
         "run_dir": _q(run_dir),
         "port_base": str(port_base),
         "env_block": "\n".join(f"export {k}={_q(v)}" for k, v in (env or {}).items()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -73,18 +73,25 @@ def build_model(
     input_shape: tuple[int, ...],
     out_features: int,
     norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_layer: Callable[[int, nn.Module], nn.Module] | None = None,
 ) -> Net:
-    """Build on the CPU, under the caller's seed, so every rank starts from identical weights."""
+    """Build on the CPU, under the caller's seed, so every rank starts from identical weights.
+    `on_layer(i, layer)`: what to keep of each built layer list entry (model/meta.py)."""
     if module is not None:
         body = import_module_class(module, input_shape, out_features)
     else:
-        body = build_layers(layers or [], input_shape, out_features)
+        body = build_layers(layers or [], input_shape, out_features, on_layer)
     if init is not None:
         apply_init(body, init)
     return Net(body, Standardize(*norm) if norm is not None else None)
 
 
-def build_layers(specs: Sequence[LayerSpec], input_shape: tuple[int, ...], out: int) -> nn.Module:
+def build_layers(
+    specs: Sequence[LayerSpec],
+    input_shape: tuple[int, ...],
+    out: int,
+    on_layer: Callable[[int, nn.Module], nn.Module] | None = None,
+) -> nn.Module:
     seq = nn.Sequential()
     x = torch.zeros(2, *input_shape)  # batch of 2 so batchnorm accepts the probe in train mode
     for i, spec in enumerate(specs):
@@ -97,7 +104,7 @@ def build_layers(specs: Sequence[LayerSpec], input_shape: tuple[int, ...], out: 
                 f"model.layers[{i}] ({spec.kind}): cannot take an input of shape "
                 f"{list(x.shape[1:])}: {str(err).splitlines()[0]}"
             ) from None
-        seq.append(layer)
+        seq.append(on_layer(i, layer) if on_layer is not None else layer)
     return seq
 
 

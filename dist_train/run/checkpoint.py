@@ -59,10 +59,17 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    accelerator, run_dir: Path, state: dict, keep: int, protect: int | None, extra=None
+    accelerator,
+    run_dir: Path,
+    state: dict,
+    keep: int,
+    protect: int | None,
+    extra=None,
+    shards=None,
 ):
     """Collective: every rank must call it at the same step (each writes its own RNG state).
-    `extra(directory)`, if given, writes more files (the main process, before the fsync).
+    `extra(directory)`, if given, writes more files (the main process, before the fsync);
+    `shards(directory)`: files every rank writes (the DCP shards of fsdp).
 
     A write that fails on any rank (a full disk above all) fails on every rank alike: the
     failures are agreed with an all-reduce, the temp dir is removed, the previous complete
@@ -83,7 +90,13 @@ def save_checkpoint(
     # Collective all-reduce: every rank's files are written before main seals it, and a rank
     # that failed to write makes every rank give up at the same point.
     _fault("before-write", step, rank)
-    _agreed(accelerator, _attempt(lambda: accelerator.save_state(str(tmp))), tmp)
+
+    def write() -> None:
+        accelerator.save_state(str(tmp))
+        if shards is not None:
+            shards(tmp)
+
+    _agreed(accelerator, _attempt(write), tmp)
     _fault("after-weights", step, rank)
 
     def seal() -> None:

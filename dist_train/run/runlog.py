@@ -105,7 +105,16 @@ def plan_text(info: dict, run_dir: Path) -> str:
         f"  {epochs}{info['total_steps']} optimizer steps\n"
         f"  parameters {info['trainable_params']:,} trainable, {info['frozen_params']:,} frozen"
         + flops_text(info.get("train_flops_per_sample"), info.get("peak_tflops"))
+        + bytes_text(info.get("strategy"), info.get("per_rank_bytes"))
     )
+
+
+def bytes_text(strategy: str | None, figures: dict | None) -> str:
+    if not figures:
+        return ""
+    from dist_train.training.fsdp import format_bytes
+
+    return f"\n  {strategy}, per rank: {format_bytes(figures)}"
 
 
 def flops_text(per_sample: float | None, peak: float | None) -> str:

@@ -40,19 +40,33 @@ class TrainState:
     history: list = field(default_factory=list)  # world sizes this run has used
 
 
-def save(accelerator, run_dir: Path, keep: int, state: TrainState, extra=None) -> Path:
+def save(
+    accelerator, run_dir: Path, keep: int, state: TrainState, extra=None, sharded=None
+) -> Path:
     """Collective: the synchronized, atomic full-state save (every rank, same step). `extra`
-    writes more files into the checkpoint directory (main process; e.g. averaged weights)."""
+    writes more files into the checkpoint directory (main process; e.g. averaged weights);
+    `sharded`: (model, optimizer) of strategy fsdp, written by every rank with DCP."""
+    shards = None
+    if sharded is not None:
+        from dist_train.run import dcp
+
+        shards = lambda tmp: dcp.save_sharded(*sharded, tmp)  # noqa: E731
     return checkpoint.save_checkpoint(
-        accelerator, run_dir, asdict(state), keep, state.best_step, extra
+        accelerator, run_dir, asdict(state), keep, state.best_step, extra, shards
     )
 
 
-def resume(accelerator, path: Path, state: TrainState) -> TrainState:
-    """Load model/optimizer/schedule/scaler/RNG through accelerate, then our JSON counters."""
+def resume(accelerator, path: Path, state: TrainState, sharded=None) -> TrainState:
+    """Load model/optimizer/schedule/scaler/RNG through accelerate, then our JSON counters.
+    `sharded`: (model, optimizer) of strategy fsdp, loaded (resharded) from DCP files."""
     saved = checkpoint.read_state(path)
     accelerator.wait_for_everyone()  # collective: the checkpoint was sealed before anyone loads
     check_rng_file(path, accelerator.process_index)
+    from dist_train.run import dcp
+
+    dcp.check_strategy(path, sharded is not None)
+    if sharded is not None:
+        dcp.load_sharded(*sharded, path)  # collective: every rank reads the shards it needs
     try:
         accelerator.load_state(str(path))
     except Exception as err:  # weights_only refusals, corrupt or truncated files
@@ -99,7 +113,11 @@ def export(
     accelerator, model, run_dir: Path, recipe, data, state: TrainState, result: dict, weights="raw"
 ):
     """model.safetensors from the unwrapped model (no `module.` prefix), then run.json done.
-    `weights` says which (raw, or an average: training/ema.py); it goes into the metadata."""
+    `weights` says which (raw, or an average: training/ema.py); it goes into the metadata.
+    A sharded model is gathered first (collective: every rank sends its shards to rank 0)."""
+    from dist_train.run import dcp
+
+    full = dcp.full_model_state(model)
     accelerator.wait_for_everyone()  # collective: all ranks finished their last step
     if not accelerator.is_main_process:
         return
@@ -112,7 +130,8 @@ def export(
         "step": str(state.step),
         "weights": weights,
     }
-    checkpoint.export_model(net.state_dict(), run_dir / "model.safetensors", meta)
+    tensors = full if full is not None else net.state_dict()
+    checkpoint.export_model(tensors, run_dir / "model.safetensors", meta)
     info = json.loads((run_dir / "run.json").read_text())
     info |= {
         "status": "finished",

@@ -32,6 +32,7 @@ class _Running:
     start: float
     log: IO
     trial_dir: Path
+    slot: int = 0  # which GPU slice (gpu_slices) the trial runs on
 
 
 def trial_command(
@@ -79,6 +80,27 @@ def trial_command(
     ]
 
 
+def gpu_slices(parallel: int, nproc: int, visible: list[str]) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES per trial slot on a GPU box: parallel trials get their own GPUs
+    (nproc each, one per process) instead of all starting on GPU 0; with fewer GPUs than
+    parallel x nproc they wrap around and share. None without GPUs or for one trial at a time
+    (it sees every GPU, as a plain launch would)."""
+    if not visible or parallel < 2:
+        return None
+    return [
+        ",".join(visible[(slot * nproc + i) % len(visible)] for i in range(nproc))
+        for slot in range(parallel)
+    ]
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
 def _free_port(taken: set[int]) -> int:
     """A port nobody listens on now and no running trial of this sweep was given."""
     while True:
@@ -111,21 +133,24 @@ def run_local(
     # in every process.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (parallel * nproc))))
     running: list[_Running] = []
+    slices = gpu_slices(parallel, nproc, _visible_gpus())
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while todo or running:
             while todo and len(running) < parallel:
-                running.append(
-                    _start(
-                        sweep_dir,
-                        todo.pop(0),
-                        launcher,
-                        nproc,
-                        launcher_args,
-                        env,
-                        {r.port for r in running},
-                    )
+                slot = min(set(range(parallel)) - {r.slot for r in running})
+                trial_env = env if slices is None else env | {"CUDA_VISIBLE_DEVICES": slices[slot]}
+                started = _start(
+                    sweep_dir,
+                    todo.pop(0),
+                    launcher,
+                    nproc,
+                    launcher_args,
+                    trial_env,
+                    {r.port for r in running},
                 )
+                started.slot = slot
+                running.append(started)
             time.sleep(0.1)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)

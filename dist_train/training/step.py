@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist_train.errors import NonFiniteStop
+from dist_train.training import fsdp
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -60,24 +61,27 @@ class Stepper:
         self.params = list(model.parameters())  # listed once, not walked every step
         self.direct = direct_optimizer(optimizer, accelerator)
         self.finite = FiniteCheck()
+        self.sharded = fsdp.is_sharded(model)  # FSDP2: DTensor gradients, its own no-sync
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, boundary: bool, step: int) -> StepOutput:
         """`step`: optimizer steps done before this one (the norm is computed when step + 1 is
         a log step, or always when clipping)."""
         acc, model = self.acc, self.model
         if not boundary:
-            with acc.no_sync(model):  # skip the gradient all-reduce until the boundary
+            with fsdp.no_sync(model) if self.sharded else acc.no_sync(model):  # no reduce yet
                 loss = self.head.loss_fn(model(x), y)
                 self._backward(loss)
             return StepOutput(loss.detach())
         loss = self.head.loss_fn(model(x), y)
         self._backward(loss)  # DDP: the gradient all-reduce happens here, on every rank
         norm = None
-        if self.max_grad_norm:  # unscales fp16 gradients first; FSDP: the model's own clip
+        if self.max_grad_norm and self.sharded:  # collective: the norm over every shard
+            norm = fsdp.clip(self.params, self.max_grad_norm)
+        elif self.max_grad_norm:  # unscales fp16 gradients first
             norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
         elif (step + 1) % self.log_every == 0:
             acc.unscale_gradients()  # fp16: log the true norm, not one ~65536x too large
-            norm = total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = self._norm()
         # Gradients were all-reduced in backward, so this test (one host read per step; free on
         # CPU, the only per-step sync on a GPU; `train.on_nonfinite: ignore` removes it) gives
         # the same answer on every rank: no extra collective needed to agree.
@@ -102,17 +106,24 @@ class Stepper:
         else:
             self.acc.backward(scaled)
 
+    def _norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return fsdp.global_norm(grads) if self.sharded else total_norm(grads)
+
     def _finite(self) -> bool:
         return self.finite([p.grad for p in self.params if p.grad is not None])
 
     def _skip(self, loss: torch.Tensor, norm: torch.Tensor | None) -> StepOutput:
-        bad = [
-            n.removeprefix("module.")  # DDP's wrapper prefix: report the recipe's names
-            for n, p in self.model.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
+        if self.sharded:  # collective: the names found on every rank's shards
+            bad = fsdp.bad_grad_names(self.model)
+        else:
+            bad = [
+                n.removeprefix("module.")  # DDP's wrapper prefix: report the recipe's names
+                for n, p in self.model.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ]
         if norm is None:  # the diagnostic reports it (inf or NaN)
-            norm = total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = self._norm()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss.detach(), norm, applied=False, bad_params=bad)
 
@@ -172,7 +183,7 @@ class FiniteCheck:
         if not grads:
             return True
         if any(type(g) is not torch.Tensor for g in grads):  # DTensor & co.: the global norm
-            return math.isfinite(total_norm(grads))
+            return math.isfinite(fsdp.global_norm(grads))
         device = grads[0].device
         if device not in self.flags:
             self.flags[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))

@@ -32,6 +32,7 @@ from dist_train.training.distributed import agree_any, from_main, make_accelerat
 from dist_train.training.ema import WeightAverage
 from dist_train.training.evaluate import evaluate
 from dist_train.training.flops import peak_tflops, train_flops_per_sample
+from dist_train.training.fsdp import rank_bytes
 from dist_train.training.optim import logged_lrs
 from dist_train.training.profile import StepProfiler, check_ranks
 from dist_train.training.step import StepOutput, Stepper, handle_nonfinite
@@ -163,20 +164,25 @@ class Trainer:
         valid_dl = make_loader(valid, plan.eval_per_device, False, False) if valid else None
         # Collective: built fine, so now (and only now) the directory may be cleared/created.
         materialize_run_dir(acc, self.run, recipe)
-        self.model, self.optimizer, self.train_dl, self.scheduler = acc.prepare(
-            built.model, built.optimizer, train_dl, built.scheduler
-        )
+        if t.strategy == "fsdp":  # model and optimizer stay ours: training/fsdp.py says why
+            self.model, self.optimizer = built.model, built.optimizer
+            self.train_dl, self.scheduler = acc.prepare(train_dl, built.scheduler)
+        else:
+            self.model, self.optimizer, self.train_dl, self.scheduler = acc.prepare(
+                built.model, built.optimizer, train_dl, built.scheduler
+            )
         self.valid_dl = acc.prepare(valid_dl) if valid_dl is not None else None
         self.mixer = make_mixer(recipe, self.train_dl.dataset, self.data.num_classes)
         self.state = TrainState(world_size=acc.num_processes)
         if self.run.resume_from:  # collective: every rank loads its part of the same step
-            self.state = resume(acc, Path(self.run.resume_from), self.state)
+            self.state = resume(acc, Path(self.run.resume_from), self.state, self._sharded())
         self.set_trainable(self.state.epoch)  # a freeze schedule: this epoch's trainable set
         self.average = WeightAverage.from_recipe(t, acc.unwrap_model(self.model))
         resumed = self.average is not None and self.run.resume_from
         notice = self.average.load(Path(self.run.resume_from)) if resumed else None
         info = run_info(acc, recipe, plan, self.total, self.per_epoch, self.model)
         info |= {"train_flops_per_sample": self.flops_per_sample, "peak_tflops": self.peak_tflops}
+        info |= {"strategy": t.strategy, "per_rank_bytes": rank_bytes(self.model, self._opt())}
         self.log = open_log(acc, self.run, recipe, self.state, info, built.notes)
         if acc.is_main_process:
             save_report(self.run_dir, built.load_report)  # finetune.from: what loaded
@@ -340,7 +346,15 @@ class Trainer:
         """Collective: the synchronized, atomic full-state save (every rank, same step)."""
         signals.set_phase(f"{what} at step {self.state.step}")
         extra = self.average.write if self.average is not None else None  # + averaged weights
-        return save(self.accelerator, self.run_dir, self.recipe.checkpoint.keep, self.state, extra)
+        keep = self.recipe.checkpoint.keep
+        return save(self.accelerator, self.run_dir, keep, self.state, extra, self._sharded())
+
+    def _opt(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+
+    def _sharded(self):
+        """strategy fsdp: the (model, optimizer) that checkpoints write and load with DCP."""
+        return (self.model, self.optimizer) if self.recipe.train.strategy == "fsdp" else None
 
     def preempt(self) -> None:
         """A stop signal: one synchronized save, the requeue marker, then `Preempted`."""
@@ -355,6 +369,8 @@ class Trainer:
     def export(self) -> None:
         """The end-of-run table, model.safetensors and run.json's final status."""
         self.log.summary(self.result, self.state.best_step)  # main process only
+        # Measured after training (the optimizer state exists now); rank 0's, the largest shard.
+        self.log.event("memory", step=self.state.step, **rank_bytes(self.model, self._opt()))
         averaged = self.average is not None and self.average.count > 0
         if self.average is not None and not averaged:
             self.log.info(f"no {self.average.kind} snapshot was taken: exporting the raw weights")

@@ -26,6 +26,7 @@ def test_dry_run_writes_the_script_and_prints_it(tmp_path: Path, capsys) -> None
     expected = slurm.render_sbatch(
         "cpu", job_name="wine-mlp", run_dir=run_dir, recipe_path=Path(WINE),
         overrides=["train.epochs=3"], num_processes=2, python=__import__("sys").executable,
+        cpus_per_task=2,  # the default: one core per rank
     )  # fmt: skip
     assert script == expected
     assert "--nproc_per_node 2" in script and "train.epochs=3" in script
