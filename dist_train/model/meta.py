@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_train.model.net import Net, _init_fn, build_model
+from dist_train.model.net import Net, build_model, init_fn
 
 
 def wanted(recipe, world_size: int) -> bool:
@@ -63,8 +63,8 @@ class LocalBuild:
     def replay_init(self, body: nn.Module, init) -> None:
         """`net.apply_init`'s draws, in its order (weight then bias of each Linear/Conv2d),
         one full parameter at a time."""
-        weight_fn = _init_fn(init.weight) if init.weight else None
-        bias_fn = _init_fn(init.bias) if init.bias else None
+        weight_fn = init_fn(init.weight) if init.weight else None
+        bias_fn = init_fn(init.bias) if init.bias else None
         for name, mod in body.named_modules():
             if not isinstance(mod, (nn.Linear, nn.Conv2d)):
                 continue

@@ -184,7 +184,7 @@ def import_module_class(spec: ModuleArgs, input_shape: tuple[int, ...], out: int
     return cls(**kwargs)
 
 
-def _init_fn(scheme: InitScheme):
+def init_fn(scheme: InitScheme):
     if scheme.name == "default":
         return None
     kw = scheme.model_dump(exclude={"name"}, exclude_none=True)
@@ -200,8 +200,8 @@ def _init_fn(scheme: InitScheme):
 
 
 def apply_init(body: nn.Module, init: InitConfig) -> None:
-    weight_fn = _init_fn(init.weight) if init.weight else None
-    bias_fn = _init_fn(init.bias) if init.bias else None
+    weight_fn = init_fn(init.weight) if init.weight else None
+    bias_fn = init_fn(init.bias) if init.bias else None
     for mod in body.modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue

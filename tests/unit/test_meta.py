@@ -20,7 +20,8 @@ def test_shards_of_the_meta_build_equal_the_plain_build_bitwise():
         "train.strategy=fsdp",
     ]
     recipe = load_recipe(str(ROOT / "recipes/digits_cnn.yaml"), overrides)
-    data, head = build_data(recipe), make_head(recipe)
+    data = build_data(recipe)
+    head = make_head(recipe, data)[0]
     plain = build_net(recipe, data, head).state_dict()
     world = 3
     stores = []
