@@ -131,7 +131,7 @@ def prepare(work: Path, quick: bool) -> dict:
             data = DataBundle(rows, rows, (32,), list(range(10)))
         else:
             data = build.build_data(recipe)
-        net = build.build_net(recipe, data, build.make_head(recipe))
+        net = build.build_net(recipe, data, build.make_head(recipe, data)[0])
         case["init"] = str(work / f"init-{name}.pt")
         torch.save(net.state_dict(), case["init"])
     cases["eval"]["init"] = cases["mlp_bs512"]["init"]
@@ -220,15 +220,17 @@ def dist_eval(case: dict, work: Path) -> dict:
     sys.path.insert(0, str(HERE))
     import plain
 
-    from dist_train import build
     from dist_train.config.recipe import load_recipe
     from dist_train.data.loaders import make_loader
     from dist_train.data.sources import Table
+    from dist_train.model.head import Head
     from dist_train.training.distributed import make_accelerator
     from dist_train.training.evaluate import evaluate
     from dist_train.training.metrics import MetricSet
 
     recipe = load_recipe(str(work / "weights.yaml"), [])
+    # The recipe's head (plain cross-entropy: no loss weights that need the data).
+    head = Head(recipe.data.task, recipe.loss.name, recipe.loss.label_smoothing)
     x, y = plain.load_parquet(work / "train.parquet")
     model = plain.mlp(0.1)
     model.load_state_dict(
@@ -240,7 +242,7 @@ def dist_eval(case: dict, work: Path) -> dict:
     evaluate(
         warm.prepare(model),
         warm.prepare(make_loader(Table(x[:64], y[:64]), 64, False, False)),
-        build.make_head(recipe),
+        head,
         MetricSet(["accuracy"], "multiclass", 10, warm.device),
         warm,
     )
@@ -249,7 +251,7 @@ def dist_eval(case: dict, work: Path) -> dict:
     loader = acc.prepare(make_loader(Table(x, y), case["batch_size"], False, False))
     model = acc.prepare(model)
     metrics = MetricSet(["accuracy"], "multiclass", 10, acc.device)
-    result = evaluate(model, loader, build.make_head(recipe), metrics, acc)
+    result = evaluate(model, loader, head, metrics, acc)
     return {
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,

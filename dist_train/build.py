@@ -179,7 +179,8 @@ def build_data(recipe: Recipe) -> DataBundle:
 
 def data_config(recipe: Recipe):
     """`recipe.data` with the tokenizer resolved (data.text: default model.hf.pretrained)."""
-    cfg, hf = recipe.data, recipe.model.hf
+    cfg = recipe.data
+    hf = recipe.model.hf if recipe.model is not None else None  # fit(model=...): no section
     if cfg.text is not None and cfg.tokenizer is None and hf is not None:
         return cfg.model_copy(update={"tokenizer": hf.pretrained})
     return cfg

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from dist_helpers import events, run_info
+from dist_helpers import events, preempt, run_info
 from procs import bitwise_equal, cli, cli_here, max_diff, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -167,3 +167,18 @@ def test_nonfinite_step_is_skipped_alike_on_every_shard(
     start = weights(pretrained)
     assert all(bool((two[k] == start[k]).all()) for k in ("layers.0.weight", "layers.0.bias"))
     assert not bool((two["layers.2.weight"] == start["layers.2.weight"]).all())  # trained
+
+
+def test_preempted_sharded_run_saves_and_resumes_bitwise(tiny_recipe, reference_run, tmp_path):
+    """SIGTERM on 2 fsdp ranks mid-epoch: the synchronized stop saves a sharded (DCP)
+    checkpoint and exits 75; the resumed run ends bitwise equal to the uninterrupted one."""
+    ref = reference_run(tiny_recipe, *FSDP, nproc=2, **AUDIT)
+    run = tmp_path / "run"
+    args = ["train", str(tiny_recipe), "-o", str(run), *FSDP]
+    preempt(args, run, 2, at_step=27)
+    saved = sorted(p.parent.name for p in (run / "checkpoints").glob("step-*/COMPLETE"))
+    assert saved and list((run / "checkpoints" / saved[-1] / "sharded").iterdir()), saved
+    r = cli(*args, nproc=2, **AUDIT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and run_info(run)["world_size"] == 2
+    assert bitwise_equal(weights(run / "model.safetensors"), weights(ref / "model.safetensors"))

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from dist_helpers import events, run_info
-from procs import ROOT, bitwise_equal, cli, cli_here, env, kill_tree, max_diff, weights
+from dist_helpers import events, preempt, run_info
+from procs import bitwise_equal, cli, cli_here, max_diff, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 # dropout + augmentation noise exercise the restored RNG streams; every_steps=7 puts
 # checkpoints mid-epoch (20 steps per epoch).
 EXACT = ["checkpoint.every_steps=7", "data.augment.noise=0.05"]
-
-
-def _logged_step(run: Path, step: int):
-    def reached() -> bool:
-        path = run / "metrics.jsonl"
-        return path.exists() and f'"step": {step},' in path.read_text()
-
-    return reached
 
 
 def _complete(run: Path) -> list[str]:
@@ -71,41 +59,6 @@ def _audit(run: Path) -> dict[int, list[int]]:
     return rows
 
 
-def _preempt(args: list[str], run: Path, nproc: int, at_step: int) -> None:
-    """SIGTERM every rank once `at_step` is logged: a clean, synchronized stop (exit 75)."""
-    from procs import free_port
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "dist_train",
-        *args,
-    ]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "dist_train", *args]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env(DIST_TRAIN_AUDIT_SAMPLES="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    reached = _logged_step(run, at_step)
-    deadline = time.monotonic() + 120
-    while not reached() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    kill_tree(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert "stopped by a signal" in out, out[-3000:]
-
-
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_elastic_resume_repeats_and_skips_no_sample(
     tiny_recipe, reference_run, tmp_path, before, after
@@ -116,7 +69,7 @@ def test_elastic_resume_repeats_and_skips_no_sample(
     ref_dir = reference_run(tiny_recipe, DIST_TRAIN_AUDIT_SAMPLES="1")
     run = tmp_path / "run"
     args = ["train", str(tiny_recipe), "-o", str(run)]
-    _preempt(args, run, before, at_step=27)
+    preempt(args, run, before, at_step=27)
     r = cli(*args, nproc=after, DIST_TRAIN_AUDIT_SAMPLES="1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "elastic resume" in r.stdout

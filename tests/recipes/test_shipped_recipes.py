@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from procs import ROOT, cli_here, env, torchrun
@@ -136,3 +137,25 @@ def test_text_recipe_reaches_its_stated_accuracy(hf_text, tmp_path):
     final = [e for e in map(json.loads, lines) if e["event"] == "eval"][-1]
     assert final["valid/rows"] == 400
     assert final["valid/accuracy"] >= 0.95, final
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_process_vision_finetune_leaves_the_frozen_vit_bitwise_unchanged(
+    two_process_runs, local_models
+):
+    """vision_finetune.yaml on 2 processes (the shared launch above): every frozen tensor of
+    the pretrained transformers ViT comes out bit for bit as it went in, while the new head
+    trained; the backbone's LayerNorms have no running statistics to drift."""
+    from safetensors.torch import load_file
+
+    root, log = two_process_runs
+    info = json.loads((root / "vision_finetune.yaml" / "run.json").read_text())
+    assert info["world_size"] == 2, log
+    before = load_file(str(local_models / "vit-digits-0to4.safetensors"))
+    after = load_file(str(root / "vision_finetune.yaml" / "model.safetensors"))
+    frozen = [k for k in before if k.startswith("backbone.vit.")]
+    assert len(frozen) > 10
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    head = [k for k in after if k.startswith("backbone.classifier.")]
+    assert head and not all(torch.equal(before[k], after[k]) for k in head)
