@@ -34,18 +34,20 @@ SLURM_DIR = "tests/slurm/"  # every test that uses the cluster lives here (test_
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`make test` runs two pytest-xdist workers. Every test under tests/slurm/ goes to ONE
-    worker, as one unit handed out first: it starts the one local cluster (a session fixture)
-    and runs the SLURM tests in order, its waits on slurmctld overlapping with the CPU-bound
-    tests the other worker takes one at a time. (xdist's own `--dist loadgroup` marks do not
-    reach its scheduler under pytest 9.2, whose node ids no longer come from `_nodeid`.)"""
+    """`make test` runs two pytest-xdist workers that take whole test files, so a file's
+    module- and session-scoped runs (reference runs, the one torchrun launch of every shipped
+    recipe) are made once, not once per worker. Every file under tests/slurm/ goes to ONE
+    worker as one unit: it starts the one local cluster (a session fixture) and runs the SLURM
+    tests in order while the other worker takes the CPU-bound files. (xdist's `--dist
+    loadgroup` marks do not reach its scheduler under pytest 9.2, whose node ids no longer
+    come from `_nodeid`; this is `--dist loadfile` with the SLURM folder as one file.)"""
     from xdist.scheduler import LoadScopeScheduling
 
-    class SlurmTogether(LoadScopeScheduling):
+    class FilesWithSlurmTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "slurm" if nodeid.startswith(SLURM_DIR) else nodeid
+            return "slurm" if nodeid.startswith(SLURM_DIR) else nodeid.split("::", 1)[0]
 
-    return SlurmTogether(config, log)
+    return FilesWithSlurmTogether(config, log)
 
 
 @pytest.fixture(scope="session")

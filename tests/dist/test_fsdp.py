@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from dist_helpers import events, preempt, run_info
+from dist_helpers import audit_rows, events, preempt, run_info
 from procs import bitwise_equal, cli, cli_here, max_diff, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -25,15 +24,6 @@ FSDP = [
     "train.activation_checkpointing=true",  # composed with sharding: block = unit
 ]
 AUDIT = {"DIST_TRAIN_AUDIT_SAMPLES": "1"}
-
-
-def _audit(run: Path) -> dict[int, list[int]]:
-    rows: dict[int, list[int]] = defaultdict(list)
-    for log in sorted((run / "samples").glob("rank-*.log")):
-        for line in log.read_text().splitlines():
-            _epoch, step, ids = line.split()
-            rows[int(step)] += [int(i) for i in ids.split(",")]
-    return {step: sorted(ids) for step, ids in rows.items()}
 
 
 def _final_eval(run: Path) -> dict:
@@ -107,14 +97,14 @@ def test_sharded_checkpoint_resumes_bitwise_and_reshards_to_one_and_three_ranks(
     assert "resuming from" in r.stdout and "step-000021" in r.stdout
     assert run_info(run)["world_size"] == run_info(ref)["world_size"] == 2
     assert bitwise_equal(weights(run / "model.safetensors"), weights(ref / "model.safetensors"))
-    want = _audit(ref)
+    want = audit_rows(ref)
     for n, copy in copies.items():
         resume_args = ["train", str(tiny_recipe), "-o", str(copy), *FSDP]
         r = cli_here(*resume_args, **AUDIT) if n == 1 else cli(*resume_args, nproc=n, **AUDIT)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         assert run_info(copy)["world_size"] == n
         assert "elastic resume: checkpoint from 2 processes" in r.stdout
-        got = _audit(copy)
+        got = audit_rows(copy)
         assert sorted(got) == list(range(21, 60))  # the steps after the checkpoint, once each
         assert all(got[s] == want[s] for s in got), n
         diff = max_diff(weights(copy / "model.safetensors"), weights(ref / "model.safetensors"))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from dist_helpers import events, preempt, run_info
+from dist_helpers import audit_rows, events, preempt, run_info
 from procs import bitwise_equal, cli, cli_here, max_diff, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -50,15 +49,6 @@ def test_sigkill_of_one_rank_mid_epoch_then_resume_is_bitwise_exact(
     assert steps == list(range(1, 61))  # every step once, in order: redone ones rewound
 
 
-def _audit(run: Path) -> dict[int, list[int]]:
-    rows: dict[int, list[int]] = defaultdict(list)
-    for log in sorted((run / "samples").glob("rank-*.log")):
-        for line in log.read_text().splitlines():
-            _epoch, step, ids = line.split()
-            rows[int(step)] += [int(i) for i in ids.split(",")]
-    return rows
-
-
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_elastic_resume_repeats_and_skips_no_sample(
     tiny_recipe, reference_run, tmp_path, before, after
@@ -74,7 +64,7 @@ def test_elastic_resume_repeats_and_skips_no_sample(
     assert r.returncode == 0, r.stderr[-3000:]
     assert "elastic resume" in r.stdout
     assert run_info(run)["world_size"] == after
-    got, want = _audit(run), _audit(ref_dir)
+    got, want = audit_rows(run), audit_rows(ref_dir)
     assert sorted(got) == sorted(want) == list(range(60))
     for step in want:
         assert sorted(got[step]) == sorted(want[step]), step  # same rows, none twice
