@@ -23,8 +23,8 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/dist-train train recipes/digits_cnn.yaml
 
-# Two pytest-xdist workers (TEST_WORKERS=0 for none): the SLURM tests stay together on one
-# worker (tests/conftest.py), the rest are spread over both. --durations lists the slowest.
+# Two pytest-xdist workers (TEST_WORKERS=0 for none) taking whole test files; the SLURM tests
+# stay together on one worker (tests/conftest.py). --durations lists the slowest.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25
