@@ -67,6 +67,6 @@ def test_hf_text_model_same_weights_on_one_and_two_processes(reference_run, hf_t
     }
     path = tmp_path / "hf.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    one, two = _same_on_one_and_two(reference_run, path)
+    _one, two = _same_on_one_and_two(reference_run, path)
     ev = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [e["valid/rows"] for e in ev if e["event"] == "eval"] == [400]

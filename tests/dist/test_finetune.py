@@ -19,24 +19,38 @@ FROZEN = ("layers.0.", "layers.1.", "layers.3.")  # conv, batchnorm (+ running s
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
-    r = cli_here("train", "recipes/digits_cnn.yaml", "-o", str(out), "data.classes=[0,1,2,3,4]",
-            "train.epochs=2")
+    r = cli_here(
+        "train",
+        "recipes/digits_cnn.yaml",
+        "-o",
+        str(out),
+        "data.classes=[0,1,2,3,4]",
+        "train.epochs=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "model.safetensors"
 
 
 def test_frozen_parameters_and_buffers_bitwise_unchanged_under_ddp(pretrained, tmp_path):
     out = tmp_path / "ft"
-    r = cli("train", "recipes/digits_finetune.yaml", "-o", str(out), f"finetune.from={pretrained}",
-            "train.epochs=2", nproc=2)
+    r = cli(
+        "train",
+        "recipes/digits_finetune.yaml",
+        "-o",
+        str(out),
+        f"finetune.from={pretrained}",
+        "train.epochs=2",
+        nproc=2,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Expected to have finished reduction" not in r.stderr
     assert run_info(out)["world_size"] == 2
     assert run_info(out)["frozen_params"] == 320 + 64 + 9248
     before, after = weights(pretrained), weights(out / "model.safetensors")
     frozen = [k for k in after if k.startswith(FROZEN)]
-    assert {"layers.1.running_mean", "layers.1.running_var", "layers.1.num_batches_tracked"} \
-        <= set(frozen)
+    assert {"layers.1.running_mean", "layers.1.running_var", "layers.1.num_batches_tracked"} <= set(
+        frozen
+    )
     for key in frozen:
         assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["layers.8.weight"], after["layers.8.weight"])  # trained
@@ -52,8 +66,13 @@ def test_summary_shows_frozen_parameters(pretrained):
 
 
 def test_shape_mismatch_is_reported_as_a_table_unless_allowed(pretrained, tmp_path):
-    args = ["check", "recipes/digits_finetune.yaml", f"finetune.from={pretrained}",
-            "finetune.reinit=[]", "data.classes=[5,6,7]"]
+    args = [
+        "check",
+        "recipes/digits_finetune.yaml",
+        f"finetune.from={pretrained}",
+        "finetune.reinit=[]",
+        "data.classes=[5,6,7]",
+    ]
     r = cli_here(*args)
     assert r.returncode == 2
     assert "layers.11.weight: checkpoint [5, 128] vs model [3, 128]" in r.stderr

@@ -36,8 +36,12 @@ def recipe(tmp_path_factory):
         },
         "model": {
             "layers": [
-                {"linear": 16}, "batchnorm", "relu",
-                {"linear": 16}, "batchnorm", "relu",
+                {"linear": 16},
+                "batchnorm",
+                "relu",
+                {"linear": 16},
+                "batchnorm",
+                "relu",
                 {"linear": "out"},
             ]
         },
@@ -61,7 +65,8 @@ def recipe(tmp_path_factory):
 
 def _initial(recipe) -> dict:
     """The seeded initial weights every rank starts from (built on this CPU)."""
-    return {k: v.clone() for k, v in build_components(load_recipe(recipe)).model.state_dict().items()}
+    state = build_components(load_recipe(recipe)).model.state_dict()
+    return {k: v.clone() for k, v in state.items()}
 
 
 def _same(a: dict, b: dict, prefixes) -> bool:

@@ -28,6 +28,6 @@ def test_two_processes_give_the_same_suggestion(tmp_path):
     # all-reduce's rounding).
     low = a["median"].index(min(a["median"]))
     assert a["lrs"][: low + 1] == b["lrs"][: low + 1]
-    assert max(abs(x - y) for x, y in zip(a["losses"][: low + 1], b["losses"])) < 1e-4
+    assert max(abs(x - y) for x, y in zip(a["losses"][: low + 1], b["losses"], strict=False)) < 1e-4
     assert two.stdout.count("suggested lr") == 1  # printed once, by rank 0
     assert (tmp_path / "two" / "override.txt").read_text().startswith("optimizer.lr=")

@@ -13,8 +13,8 @@ import pytest
 from dist_helpers import events, run_info
 from procs import ROOT, env, run_until_then_kill
 
-from dist_train.run.checkpoint import latest_complete
 from dist_train.config.recipe import load_recipe, recipe_hash
+from dist_train.run.checkpoint import latest_complete
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

@@ -34,7 +34,7 @@ def test_two_processes_match_one(trained):
     assert lr1 == lr2 and len(lr1) == 3 * (480 // 24)
     ev1, ev2 = events(one, "eval"), events(two, "eval")
     assert [e["valid/rows"] for e in ev1] == [e["valid/rows"] for e in ev2] == [97, 97, 97]
-    for a, b in zip(ev1, ev2):
+    for a, b in zip(ev1, ev2, strict=True):
         for key in ("valid/loss", "valid/accuracy", "valid/f1", "valid/auroc"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         assert a["valid/confusion_matrix"] == b["valid/confusion_matrix"]
@@ -68,8 +68,16 @@ def test_predict_keeps_row_order_on_three_processes(tiny_recipe, tiny_data, trai
     outs = []
     for nproc in (1, 3):
         out = tmp_path / f"preds{nproc}.csv"
-        args = ("predict", str(tiny_recipe), "--checkpoint", str(run / "model.safetensors"),
-                "--data", f"csv:{tiny_data['valid']}", "-o", str(out))
+        args = (
+            "predict",
+            str(tiny_recipe),
+            "--checkpoint",
+            str(run / "model.safetensors"),
+            "--data",
+            f"csv:{tiny_data['valid']}",
+            "-o",
+            str(out),
+        )
         r = cli_here(*args) if nproc == 1 else cli(*args, nproc=nproc)
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(out.read_text().splitlines())
@@ -87,8 +95,7 @@ def test_predict_keeps_row_order_on_three_processes(tiny_recipe, tiny_data, trai
 
 
 def test_world_size_must_divide_the_global_batch(tiny_recipe, tmp_path):
-    r = cli("train", str(tiny_recipe), "-o", str(tmp_path / "x"), "train.batch_size=25",
-            nproc=2)
+    r = cli("train", str(tiny_recipe), "-o", str(tmp_path / "x"), "train.batch_size=25", nproc=2)
     assert r.returncode != 0
     assert "train.batch_size 25 (global) does not split evenly over 2 process" in r.stderr
     assert r.stderr.count("error: train.batch_size") == 1  # said once, not once per rank
