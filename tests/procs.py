@@ -48,12 +48,154 @@ def torchrun(nproc: int) -> list[str]:
     return [*launcher, "--master_port", str(free_port())]
 
 
-def cli(*args: str, nproc: int = 1, timeout: float = 300, **extra_env: str):
-    """`dist-train ARGS` on 1 process, or under torchrun with `nproc` gloo ranks."""
+LAUNCHER_ENV = "DIST_TRAIN_TEST_LAUNCHER"  # `exec`: every cli() a fresh interpreter/torchrun
+
+
+def cli(*args: str, nproc: int = 1, timeout: float = 300, launcher: str = "", **extra_env: str):
+    """`dist-train ARGS` in a child process, or on `nproc` gloo ranks: forked from this (already
+    imported) process by default (`launcher="fork"`, see `cli_ranks`), or as a fresh
+    `python -m dist_train` / under a real torchrun (`launcher="exec"`, or
+    DIST_TRAIN_TEST_LAUNCHER=exec for the whole suite)."""
+    launcher = launcher or os.environ.get(LAUNCHER_ENV, "fork")
+    if launcher == "fork":
+        return cli_ranks(list(args), nproc, timeout, **extra_env)
     cmd = command(list(args), nproc)
     return subprocess.run(
         cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def torchrun_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives rank `rank` of one node (what accelerate, torch.distributed
+    and dist_train read: rank, sizes, rendezvous address)."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "ROLE_RANK": str(rank),
+        "ROLE_NAME": "default",
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "ROLE_WORLD_SIZE": str(nproc),
+        "GROUP_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "TORCHELASTIC_RUN_ID": "none",
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }
+
+
+def preload() -> None:
+    """What every rank imports (~7 s of CPU per process here: torch, accelerate, datasets,
+    torchmetrics with scipy/matplotlib/transformers): imported once in the test worker, so
+    each forked rank starts with it done."""
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import torchmetrics  # noqa: F401
+
+    import dist_train.cli
+    import dist_train.training.trainer  # noqa: F401
+
+
+def cli_ranks(args: list[str], nproc: int, timeout: float = 300, **extra_env: str) -> Result:
+    """`dist-train ARGS` on `nproc` real processes forked from this one; with nproc > 1 each
+    gets torchrun's environment (`torchrun_env`) and they join by gloo like torchrun's ranks.
+    What a fresh interpreter (and torchrun) would add is each process's imports and the
+    launcher's start-up: ~17 s of CPU per 2-rank launch on this machine, 5x the work of a small
+    test run. Launchers themselves are tested where they matter (kills and signals through
+    torchrun, launch configs, SLURM, one torchrun launch of every shipped recipe). Returns rank
+    0's then rank 1's... output, and the first non-zero exit code (0 when all succeeded)."""
+    import tempfile
+
+    if nproc > 1:
+        forbid_in_fast_loop(f"a {nproc}-process launch")
+    preload()
+    port, logs = free_port(), Path(tempfile.mkdtemp(prefix="ranks-"))
+    pids = [_fork_rank(args, rank, nproc, port, logs, extra_env) for rank in range(nproc)]
+    codes = _wait_all(pids, timeout, args)
+    out = "".join((logs / f"{r}.out").read_text(errors="replace") for r in range(nproc))
+    err = "".join((logs / f"{r}.err").read_text(errors="replace") for r in range(nproc))
+    failed = [c for c in codes if c != 0]
+    return Result(failed[0] if failed else 0, out, err)
+
+
+def _fork_rank(args, rank: int, nproc: int, port: int, logs: Path, extra_env: dict) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70  # the child: never return into pytest, whatever happens
+    try:
+        code = _rank_main(args, rank, nproc, port, logs, extra_env)
+    finally:
+        os._exit(code)
+
+
+def _rank_main(args, rank: int, nproc: int, port: int, logs: Path, extra_env: dict) -> int:
+    """One rank, set up as a fresh `python -m dist_train` under torchrun would be: its own
+    stdout/stderr files (file descriptors too: gloo and C++ warnings land there), the
+    environment, no pytest capture of logging or warnings, default signal handlers, one thread
+    per rank, and accelerate's per-process singletons cleared."""
+    import logging
+    import warnings
+
+    import torch
+    from accelerate.state import AcceleratorState
+
+    for fd, name in ((1, "out"), (2, "err")):
+        os.dup2(os.open(logs / f"{rank}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.environ.clear()
+    ranks = torchrun_env(rank, nproc, port) if nproc > 1 else {}
+    os.environ.update(env(**ranks, **extra_env))
+    os.chdir(ROOT)
+    logging.root.handlers.clear()  # pytest's capture handlers: records go to stderr again
+    warnings.resetwarnings()  # pytest records warnings; a fresh interpreter prints them
+    warnings.simplefilter("default")
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in a fresh rank
+    AcceleratorState._reset_state(reset_partial_state=True)  # in-process runs' world-size-1 state
+    from dist_train.cli import main as cli_main
+
+    try:
+        return int(cli_main(list(args)) or 0)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _wait_all(pids: list[int], timeout: float, args) -> list[int]:
+    """Exit codes (negative: killed by that signal) of every rank; at the timeout every rank
+    still running is killed and TimeoutExpired raised, as subprocess.run would."""
+    codes: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = (
+                    -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                )
+        if time.monotonic() > deadline:
+            for pid in set(pids) - set(codes):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired(["dist-train", *args], timeout)
+        time.sleep(0.01)
+    return [codes[pid] for pid in pids]
 
 
 @dataclass
