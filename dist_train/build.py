@@ -73,6 +73,7 @@ def build_components(
     data = load_data_once(accelerator, recipe, supplied)
     check_against_data(recipe, data.num_classes)  # e.g. accuracy@k needs k < the classes
     head, notes = make_head(recipe, data)
+    notes = [*data.notes, *notes]  # the column encoders' dropped/imputed/unseen counts
     world = accelerator.num_processes if accelerator is not None else 1
     local = None  # fsdp: this rank's shards of a model built on the meta device
     if supplied.model is not None:

@@ -101,7 +101,6 @@ class TableEncoder:
         """Learn each column's kind, vocabulary and fill value from `frame`, which must hold
         the TRAINING rows only (rows missing under `drop` may still be in it: they are not
         counted in means, modes or vocabularies)."""
-        import pyarrow as pa
 
         categorical = categorical or {}
         unknown = [c for c in categorical if c not in names]
@@ -110,7 +109,7 @@ class TableEncoder:
                 f"data.categorical: column `{unknown[0]}` is not a feature column "
                 f"(features: {', '.join(names[:20])}); remove it or add it to data.features."
             )
-        table = _arrow(frame, names, source)
+        table = as_arrow(frame, names, source)
         cols = []
         for name in names:
             arr = table.column(name)
@@ -151,7 +150,7 @@ class TableEncoder:
     def missing_rows(self, frame, source: str = "data", row_offset: int = 0) -> np.ndarray:
         """bool [n]: rows with any missing feature cell (null, or NaN in a number column).
         Under `error` the first one is a UserError naming its row (+ `row_offset`) and column."""
-        table = _arrow(frame, self.names, source)
+        table = as_arrow(frame, self.names, source)
         any_missing = np.zeros(table.num_rows, dtype=bool)
         for col in self.columns:
             miss = _missing(table.column(col.name), col)
@@ -176,7 +175,7 @@ class TableEncoder:
         self, frame, source: str = "data", row_offset: int = 0
     ) -> tuple[np.ndarray, np.ndarray, Counts]:
         """(features of the kept rows, bool [n] mask of the kept rows, counts)."""
-        table = _arrow(frame, self.names, source)
+        table = as_arrow(frame, self.names, source)
         n = table.num_rows
         counts = Counts(rows=n)
         keep = ~self.missing_rows(table, source, row_offset)  # error: raises on the first gap
@@ -223,10 +222,26 @@ def find_saved(checkpoint: str) -> TableEncoder | None:
     return None
 
 
+def gaps(
+    frame, names: list[str], missing: str, categorical: dict | None, source: str
+) -> np.ndarray:
+    """bool [n]: rows of `frame` with a missing feature cell, decided before any fitting (a
+    cell is missing or not whatever the split); under `error` the first one is a UserError
+    naming its row and column."""
+    table = as_arrow(frame, names, source)
+    kinds = [
+        Column(
+            n, "category" if n in (categorical or {}) else _kind(table.column(n).type, n, source)
+        )
+        for n in names
+    ]
+    return TableEncoder(kinds, missing).missing_rows(table, source)
+
+
 # ---- column helpers ----------------------------------------------------------------------
 
 
-def _arrow(frame, names: list[str], source: str):
+def as_arrow(frame, names: list[str], source: str):
     """The feature columns of `frame` as a pyarrow Table (or the RecordBatch itself)."""
     import pyarrow as pa
 
