@@ -101,36 +101,25 @@ class TableEncoder:
         """Learn each column's kind, vocabulary and fill value from `frame`, which must hold
         the TRAINING rows only (rows missing under `drop` may still be in it: they are not
         counted in means, modes or vocabularies)."""
+        fitter = Fitter(names, missing, categorical, source)
+        fitter.update(frame)
+        return fitter.result()
 
-        categorical = categorical or {}
-        unknown = [c for c in categorical if c not in names]
-        if unknown:
-            raise UserError(
-                f"data.categorical: column `{unknown[0]}` is not a feature column "
-                f"(features: {', '.join(names[:20])}); remove it or add it to data.features."
-            )
-        table = as_arrow(frame, names, source)
-        cols = []
-        for name in names:
-            arr = table.column(name)
-            kind = _kind(arr.type, name, source)
-            if name in categorical or kind == "category":
-                cols.append(_fit_category(arr, name, categorical.get(name), missing, source))
-                continue
-            values = _floats(arr)
-            fill = None
-            if missing == "impute":
-                present = values[~np.isnan(values)]
-                if not len(present):
-                    raise UserError(
-                        f"data.missing impute: feature `{name}` has no value in any training "
-                        f"row of {source}, so there is nothing to impute from; leave it out "
-                        "of data.features."
-                    )
-                # booleans: the more frequent value (ties: 1), so an imputed flag stays 0/1
-                fill = float(present.mean()) if kind == "number" else float(present.mean() >= 0.5)
-            cols.append(Column(name, kind, fill=fill))
-        return cls(cols, missing)
+    @classmethod
+    def fit_batches(
+        cls,
+        batches,
+        names: list[str],
+        missing: str = "error",
+        categorical: dict[str, str] | None = None,
+        source: str = "data.source",
+    ) -> TableEncoder:
+        """`fit` in one streaming pass over the training rows given as Arrow record batches
+        (or tables): counts and sums only, never the whole split in memory."""
+        fitter = Fitter(names, missing, categorical, source)
+        for batch in batches:
+            fitter.update(batch)
+        return fitter.result()
 
     # ---- applying ----------------------------------------------------------------------
     @property
@@ -210,6 +199,98 @@ class TableEncoder:
         path = Path(run_dir) / COLUMNS_FILE
         path.write_text(self.to_json() + "\n")
         return path
+
+
+class Fitter:
+    """Running statistics of the training rows' feature columns (`TableEncoder.fit*`): per
+    number/boolean column the sum and count of present values, per category column the count
+    of each value. `update` per table or Arrow batch, then `result`."""
+
+    def __init__(
+        self, names: list[str], missing: str, categorical: dict[str, str] | None, source: str
+    ) -> None:
+        self.categorical = categorical or {}
+        unknown = [c for c in self.categorical if c not in names]
+        if unknown:
+            raise UserError(
+                f"data.categorical: column `{unknown[0]}` is not a feature column "
+                f"(features: {', '.join(names[:20])}); remove it or add it to data.features."
+            )
+        self.names, self.missing, self.source = names, missing, source
+        self.kinds: dict[str, str | None] = dict.fromkeys(names)  # None: only nulls so far
+        self.sums = dict.fromkeys(names, 0.0)  # float64 sums of present values
+        self.counts = dict.fromkeys(names, 0)
+        self.values: dict[str, Counter] = {n: Counter() for n in names}
+
+    def update(self, frame) -> None:
+        import pyarrow as pa
+
+        table = as_arrow(frame, self.names, self.source)
+        for name in self.names:
+            arr = table.column(name)
+            if pa.types.is_null(arr.type):
+                continue  # no value in these rows: no kind, no statistics
+            kind = _kind(arr.type, name, self.source)
+            if name in self.categorical:
+                kind = "category"
+            seen = self.kinds[name]
+            if seen is not None and seen != kind:
+                raise UserError(
+                    f"data.features: column `{name}` of {self.source} holds {seen} values in "
+                    f"some rows and {kind} values in others; make the column one type."
+                )
+            self.kinds[name] = kind
+            if kind == "category":
+                strings = _strings(arr)
+                self.values[name].update(v for v in strings.to_pylist() if v is not None)
+            else:
+                values = _floats(arr)
+                present = values[~np.isnan(values)]
+                self.sums[name] += float(present.sum())
+                self.counts[name] += len(present)
+
+    def result(self) -> TableEncoder:
+        cols = []
+        for name in self.names:
+            kind = self.kinds[name] or (
+                "category" if name in self.categorical else "number"
+            )  # a column empty in every training row: number (imputing it is refused below)
+            if kind == "category":
+                cols.append(self._category(name))
+                continue
+            fill = None
+            if self.missing == "impute":
+                if not self.counts[name]:
+                    raise UserError(
+                        f"data.missing impute: feature `{name}` has no value in any training "
+                        f"row of {self.source}, so there is nothing to impute from; leave it "
+                        "out of data.features."
+                    )
+                mean = self.sums[name] / self.counts[name]
+                # booleans: the more frequent value (ties: 1), so an imputed flag stays 0/1
+                fill = mean if kind == "number" else float(mean >= 0.5)
+            cols.append(Column(name, kind, fill=fill))
+        return TableEncoder(cols, self.missing)
+
+    def _category(self, name: str) -> Column:
+        counts, encoding = self.values[name], self.categorical.get(name)
+        if encoding is None and len(counts) > MAX_AUTO_CATEGORIES:
+            raise UserError(
+                f"data.features: column `{name}` of {self.source} holds strings with "
+                f"{len(counts)} distinct values in the training rows (an id or free text?); "
+                f"list it in data.categorical (`{name}: onehot` or `{name}: codes`) to encode "
+                "it anyway, or leave it out of data.features."
+            )
+        fill = None
+        if self.missing == "impute":
+            if not counts:
+                raise UserError(
+                    f"data.missing impute: feature `{name}` has no value in any training row "
+                    f"of {self.source}; leave it out of data.features."
+                )
+            # the most frequent category; ties go to the first in sorted order (deterministic)
+            fill = min(counts, key=lambda v: (-counts[v], v))
+        return Column(name, "category", encoding or "onehot", sorted(counts), fill)
 
 
 def find_saved(checkpoint: str) -> TableEncoder | None:
@@ -304,29 +385,6 @@ def _missing(arr, col: Column) -> np.ndarray:
     if col.kind == "category":
         return np.asarray(_strings(arr).is_null().to_numpy(zero_copy_only=False), dtype=bool)
     return np.isnan(_floats(arr))
-
-
-def _fit_category(arr, name: str, encoding: str | None, missing: str, source: str) -> Column:
-    strings = _strings(arr)
-    counts = Counter(v for v in strings.to_pylist() if v is not None)
-    if encoding is None and len(counts) > MAX_AUTO_CATEGORIES:
-        raise UserError(
-            f"data.features: column `{name}` of {source} holds strings with {len(counts)} "
-            f"distinct values in the training rows (an id or free text?); list it in "
-            f"data.categorical (`{name}: onehot` or `{name}: codes`) to encode it anyway, or "
-            "leave it out of data.features."
-        )
-    vocab = sorted(counts)
-    fill = None
-    if missing == "impute":
-        if not counts:
-            raise UserError(
-                f"data.missing impute: feature `{name}` has no value in any training row of "
-                f"{source}; leave it out of data.features."
-            )
-        # the most frequent category; ties go to the first in sorted order (deterministic)
-        fill = min(counts, key=lambda v: (-counts[v], v))
-    return Column(name, "category", encoding or "onehot", vocab, fill)
 
 
 def _encode_column(arr, col: Column, keep: np.ndarray) -> tuple[np.ndarray, int, int]:

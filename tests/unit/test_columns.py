@@ -139,6 +139,16 @@ def test_unseen_category_at_predict_time_and_arrow_batches(tmp_path):
     assert len(parts) == 3 and np.array_equal(np.concatenate(parts), whole)
     assert np.array_equal(whole, table.x.numpy())
     assert enc.to_json() == bundle.encoder.to_json()
+    # Fitted in one streaming pass over record batches (the lazy path): the same encoder.
+    rows = pa.Table.from_pandas(frame(), preserve_index=False)
+    names = ["a", "b", "city", "flag"]
+    whole_fit = TableEncoder.fit(rows, names, "impute", {"flag": "codes"})
+    streamed = TableEncoder.fit_batches(
+        rows.to_batches(max_chunksize=7), names, "impute", {"flag": "codes"}
+    )
+    assert [c.vocab for c in streamed.columns] == [c.vocab for c in whole_fit.columns]
+    for got, want in zip(streamed.columns, whole_fit.columns, strict=True):
+        assert got.kind == want.kind and got.fill == pytest.approx(want.fill)
 
 
 def test_test_fraction_is_a_disjoint_seeded_split_before_validation():
