@@ -205,7 +205,9 @@ def build_net(
             net, said = build_backbone_net(m, data, out, accelerator)
             (notes if notes is not None else []).extend(said)
         else:
-            net = build_model(m.layers, m.module, m.init, data.input_shape, out, data.norm)
+            net = build_model(
+                m.layers, m.module, m.init, data.input_shape, out, data.norm, codes=data.codes
+            )
     check_output(net, data.input_shape, out, recipe, data.train.x.dtype)
     return net
 

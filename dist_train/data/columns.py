@@ -136,6 +136,15 @@ class TableEncoder:
     def num_features(self) -> int:
         return sum(c.width for c in self.columns)
 
+    def code_columns(self) -> list[tuple[int, int]]:
+        """(output position, number of training categories) of each `codes` column."""
+        out, j = [], 0
+        for col in self.columns:
+            if col.encoding == "codes":
+                out.append((j, len(col.vocab)))
+            j += col.width
+        return out
+
     def missing_rows(self, frame, source: str = "data", row_offset: int = 0) -> np.ndarray:
         """bool [n]: rows with any missing feature cell (null, or NaN in a number column).
         Under `error` the first one is a UserError naming its row (+ `row_offset`) and column."""

@@ -61,6 +61,11 @@ class DataBundle:
     right_padded: bool = True  # data.text: the tokenizer pads on the right
 
     @property
+    def codes(self) -> list[tuple[int, int]] | None:
+        """(feature position, categories) of each `codes` column, for an embedding layer."""
+        return self.encoder.code_columns() if self.encoder is not None else None
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else 0
 
@@ -228,6 +233,8 @@ def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, see
     norm = None
     if cfg.standardize:
         norm = _fit_standardize(train.x)
+        for pos, _ in encoder.code_columns() if encoder is not None else []:
+            norm[0][pos], norm[1][pos] = 0.0, 1.0  # category codes stay integers (embedding)
     return DataBundle(
         train, vtab, tuple(train.x.shape[1:]), classes, feats or [], norm, ttab, encoder, notes
     )

@@ -249,3 +249,50 @@ def test_csv_run_with_strings_bools_gaps_test_split_then_predict_unseen(tmp_path
     preds = (run / "preds.csv").read_text().splitlines()
     assert len(preds) == 13 and preds[0] == "row,prediction,prob_1"
     assert [int(p.split(",")[0]) for p in preds[1:]] == list(range(12))
+
+
+def test_embedding_layer_reads_the_codes_columns(tmp_path):
+    """`data.categorical: {city: codes}` + `embedding: 2` as the first layer: the code column
+    is kept out of standardisation, embedded (unseen code 0 -> the zero vector, untrained) and
+    concatenated after the other features; without a codes column, or not first, exit 2."""
+    from dist_train.build import build_components
+    from dist_train.config.schema import Recipe
+    from dist_train.model.net import EmbedCodes
+
+    frame().to_csv(tmp_path / "t.csv", index=False)
+    raw = {
+        "name": "emb",
+        "seed": 0,
+        "data": {
+            "source": f"csv:{tmp_path / 't.csv'}",
+            "target": "label",
+            "task": "binary",
+            "categorical": {"city": "codes"},
+            "standardize": True,
+        },
+        "model": {"layers": [{"embedding": 2}, {"linear": 8}, "relu", {"linear": "out"}]},
+        "loss": "bce_with_logits",
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "train": {"epochs": 1, "batch_size": 8},
+    }
+    built = build_components(Recipe.model_validate(raw), None, finetune=False, optimizer=False)
+    data, net = built.data, built.model
+    assert data.codes == [(2, 4)] and data.input_shape == (4,)  # a, b, city code, flag
+    assert float(data.norm[0][2]) == 0.0 and float(data.norm[1][2]) == 1.0
+    embed = net.layers[0]
+    assert isinstance(embed, EmbedCodes) and net.layers[1].in_features == 3 + 2
+    x = data.train.x[:5].clone()
+    out = embed(x)
+    assert torch.equal(out[:, :3], x[:, [0, 1, 3]])
+    assert torch.equal(out[:, 3:], embed.tables[0].weight[x[:, 2].long()])
+    x[:, 2] = 0  # a category unseen at fit time
+    assert torch.equal(embed(x)[:, 3:], torch.zeros(5, 2))
+    keys = [k for k in net.state_dict() if k.startswith("layers.0.")]
+    assert keys == ["layers.0.tables.0.weight"]  # the index buffers come from columns.json
+    del raw["data"]["categorical"]
+    with pytest.raises(UserError, match=r"model.layers\[0\] \(embedding\).*no feature column"):
+        build_components(Recipe.model_validate(raw), None, finetune=False, optimizer=False)
+    raw["data"]["categorical"] = {"city": "codes"}
+    raw["model"]["layers"] = [{"linear": 8}, {"embedding": 2}, {"linear": "out"}]
+    with pytest.raises(UserError, match="must be the first layer"):
+        build_components(Recipe.model_validate(raw), None, finetune=False, optimizer=False)
