@@ -112,7 +112,7 @@ def test_drop_counts_and_codes_and_error_names_row_and_column(tmp_path):
         load_data(cfg(f"parquet:{path}"), seed=0)
 
 
-def test_unseen_category_at_predict_time_and_arrow_batches(tmp_path):
+def test_unseen_category_at_predict_time_and_arrow_batches(tmp_path, monkeypatch):
     """load_table (eval/predict --data) with a stored encoder: an unseen category is all-zero
     one-hot / code 0 and counted, never an error; applying the encoder per Arrow record batch
     (the lazy path) gives the rows of the whole-table transform; JSON round trip is exact."""
@@ -137,6 +137,11 @@ def test_unseen_category_at_predict_time_and_arrow_batches(tmp_path):
     whole = enc.transform(arrow)
     parts = [enc.transform(b) for b in arrow.to_batches(max_chunksize=3)]
     assert len(parts) == 3 and np.array_equal(np.concatenate(parts), whole)
+    from dist_train.data import columns
+
+    monkeypatch.setattr(columns, "ROW_BLOCK", 3)  # the whole table in row blocks of 3
+    assert np.array_equal(enc.transform(arrow), whole)
+    assert enc.last_counts.unseen == {"city": 1} and enc.last_counts.imputed == {"b": 1}
     assert np.array_equal(whole, table.x.numpy())
     assert enc.to_json() == bundle.encoder.to_json()
     # Fitted in one streaming pass over record batches (the lazy path): the same encoder.
