@@ -108,6 +108,15 @@ def test_drop_counts_and_codes_and_error_names_row_and_column(tmp_path):
     codes = bundle.train.x[:, 2]
     expect = [CITIES.index(df.loc[int(r), "city"]) + 1 for r in bundle.train.x[:, 0].tolist()]
     assert codes.int().tolist() == expect  # 1..K; 0 is kept for unseen categories
+    # eval/predict --data under drop: the rows with gaps are skipped, the file's row numbers
+    # of the others kept (predict's `row` column), their targets with them.
+    c = cfg(f"parquet:{path}", missing="drop", categorical={"city": "codes"})
+    table, has_target = load_table(
+        f"parquet:{path}", c, bundle.classes, bundle.feature_names, True, bundle.encoder
+    )
+    assert has_target and table.rows.tolist() == kept
+    assert table.x[:, 0].int().tolist() == kept and table.y.tolist() == [r % 2 for r in kept]
+    assert "4 of 60 rows dropped for missing features" in table.note
     with pytest.raises(UserError, match=r"feature `b` is missing/NaN in row 4 of parquet:"):
         load_data(cfg(f"parquet:{path}"), seed=0)
 
