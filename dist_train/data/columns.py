@@ -12,6 +12,14 @@ A category the training rows never had ("unseen": a value only in the validation
 one at predict time) is never an error: one-hot gives it an all-zero block, codes give it 0 (the
 reserved unknown code; known categories are 1..K). Every transform counts unseen and imputed
 cells per column (`counts`), so callers can print them.
+
+Per Arrow record batch (the lazy path), with `names` the feature columns:
+  scan once:  `gaps(batch, names, missing, categorical, source, row_offset)` -> bool [n] rows
+              with a gap (under `error` the first one raises, naming its file row);
+  fit once:   `TableEncoder.fit_batches(training_batches, names, missing, categorical, source)`
+              (only the training split's rows, in any batching: counts and sums);
+  each batch: `encoder.encode(batch, source, row_offset)` -> (float32 [n_kept, F], kept mask
+              [n], Counts), or `encoder.transform(batch)` for the features alone.
 """
 
 from __future__ import annotations
@@ -323,11 +331,17 @@ def find_saved(checkpoint: str) -> TableEncoder | None:
 
 
 def gaps(
-    frame, names: list[str], missing: str, categorical: dict | None, source: str
+    frame,
+    names: list[str],
+    missing: str,
+    categorical: dict | None,
+    source: str,
+    row_offset: int = 0,
 ) -> np.ndarray:
-    """bool [n]: rows of `frame` with a missing feature cell, decided before any fitting (a
-    cell is missing or not whatever the split); under `error` the first one is a UserError
-    naming its row and column."""
+    """bool [n]: rows of `frame` (a table, or one Arrow batch whose first row is file row
+    `row_offset`) with a missing feature cell, decided before any fitting (a cell is missing
+    or not whatever the split); under `error` the first one is a UserError naming its row
+    and column."""
     table = as_arrow(frame, names, source)
     kinds = [
         Column(
@@ -335,7 +349,7 @@ def gaps(
         )
         for n in names
     ]
-    return TableEncoder(kinds, missing).missing_rows(table, source)
+    return TableEncoder(kinds, missing).missing_rows(table, source, row_offset)
 
 
 # ---- column helpers ----------------------------------------------------------------------
