@@ -73,6 +73,7 @@ def build_components(
     data = load_data_once(accelerator, recipe, supplied)
     check_against_data(recipe, data.num_classes)  # e.g. accuracy@k needs k < the classes
     head, notes = make_head(recipe, data)
+    notes = [*data.notes, *notes]  # the column encoders' dropped/imputed/unseen counts
     world = accelerator.num_processes if accelerator is not None else 1
     local = None  # fsdp: this rank's shards of a model built on the meta device
     if supplied.model is not None:
@@ -204,7 +205,9 @@ def build_net(
             net, said = build_backbone_net(m, data, out, accelerator)
             (notes if notes is not None else []).extend(said)
         else:
-            net = build_model(m.layers, m.module, m.init, data.input_shape, out, data.norm)
+            net = build_model(
+                m.layers, m.module, m.init, data.input_shape, out, data.norm, codes=data.codes
+            )
     check_output(net, data.input_shape, out, recipe, data.train.x.dtype)
     return net
 

@@ -59,6 +59,10 @@ class NoArgs(_Args):
     pass
 
 
+class EmbeddingArgs(_Args):
+    dim: int = Field(ge=1, description="size of each category's learned vector")
+
+
 class ModuleArgs(_Args):
     path: str = Field(description="`package.module:ClassName` of an importable nn.Module")
     kwargs: dict = Field(default_factory=dict, description="constructor keyword arguments")
@@ -81,6 +85,12 @@ LAYERS: dict[str, tuple[type[_Args], str | None, str]] = {
     "softmax": (SoftmaxArgs, "dim", "probabilities summing to 1 (not before cross_entropy)"),
     "tanh": (NoArgs, None, "hyperbolic tangent"),
     "gelu": (NoArgs, None, "Gaussian error linear unit"),
+    "embedding": (
+        EmbeddingArgs,
+        "dim",
+        "first layer of a table model: each data.categorical `codes` column (1..K, 0 unseen) "
+        "-> a learned vector of `dim`, concatenated after the other features",
+    ),
     "module": (ModuleArgs, "path", "your own nn.Module by import path (see model.module)"),
 }
 

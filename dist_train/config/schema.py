@@ -154,6 +154,31 @@ class DataConfig(Strict):
     )
     valid_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="seeded random valid split")
     split_seed: int | None = Field(None, description="seed of the split (default: recipe seed)")
+    test_source: str | None = Field(
+        None,
+        description="held-out test data (same forms as source), evaluated once after training "
+        "with the best checkpoint's weights (else the final ones); `test/...` metrics",
+    )
+    test_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="seeded random test split taken before the valid split (disjoint from "
+        "train and valid); evaluated once after training like test_source",
+    )
+    missing: Literal["error", "drop", "impute"] = Field(
+        "error",
+        description="missing feature cells (empty, null, NaN): `error` names the row and "
+        "column; `drop` leaves such rows out (counted); `impute` fills the training split's "
+        "mean (numbers), more frequent value (booleans) or most frequent category",
+    )
+    categorical: dict[str, Literal["onehot", "codes"]] | None = Field(
+        None,
+        description="feature columns encoded as categories, e.g. {city: onehot, zip: codes}: "
+        "`onehot` = one 0/1 feature per training category, `codes` = one feature 1..K (0: "
+        "unseen). String columns not listed are one-hot. Vocabularies come from the training "
+        "split only; an unseen category is all-zero / code 0, counted",
+    )
     standardize: bool = Field(False, description="z-score features with train-split statistics")
     shape: list[int] | None = Field(
         None, description="reshape each row's features, e.g. [1, 8, 8] for a CNN on 64 pixels"
@@ -185,6 +210,17 @@ class DataConfig(Strict):
         None, description="tokenizer directory or hub id (default: model.hf.pretrained)"
     )
     max_length: int = Field(128, ge=2, description="text: truncate to this many tokens")
+
+    @model_validator(mode="after")
+    def _test_split(self) -> DataConfig:
+        if self.test_fraction and self.test_source:
+            raise ValueError("data.test_fraction: a test_source is given too; keep one of them")
+        if self.test_fraction and self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.test_fraction {self.test_fraction} + data.valid_fraction "
+                f"{self.valid_fraction} leave no training rows; keep their sum below 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _text(self) -> DataConfig:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dist_train.config.schema import DataConfig
+from dist_train.data.columns import TableEncoder, as_arrow, gaps
 from dist_train.errors import UserError
 from dist_train.numbers import parses_as_number
 
@@ -26,6 +27,23 @@ FILE_KINDS = ("csv", "parquet", "json")
 class Table:
     x: torch.Tensor  # float32 [N, *input_shape]
     y: torch.Tensor  # int64 [N] (classes), [N, L] 0/1 (multilabel), float32 [N] (regression)
+    rows: np.ndarray | None = None  # load_table: each row's number in the file (drop skips)
+    note: str | None = None  # load_table: what the column encoders counted (printed)
+
+
+@dataclass
+class Pending:
+    """Feature columns not yet encoded: `frame`'s rows `rows` (those whose targets are kept and,
+    under data.missing drop, with no missing feature). Encoded once the split is known, by an
+    encoder fitted on the training rows only (data/columns.py)."""
+
+    frame: object
+    rows: np.ndarray
+    source: str
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 @dataclass
@@ -36,8 +54,16 @@ class DataBundle:
     classes: list | None  # label of each class index; None for regression
     feature_names: list[str] = field(default_factory=list)
     norm: tuple[torch.Tensor, torch.Tensor] | None = None
+    test: Table | None = None  # data.test_source / data.test_fraction: evaluated once at the end
+    encoder: TableEncoder | None = None  # tabular features: fitted on the training split
+    notes: list[str] = field(default_factory=list)  # dropped/imputed/unseen counts (the plan)
     input_names: list[str] | None = None  # data.text: names of the K token rows (data/text.py)
     right_padded: bool = True  # data.text: the tokenizer pads on the right
+
+    @property
+    def codes(self) -> list[tuple[int, int]] | None:
+        """(feature position, categories) of each `codes` column, for an embedding layer."""
+        return self.encoder.code_columns() if self.encoder is not None else None
 
     @property
     def num_classes(self) -> int:
@@ -58,6 +84,29 @@ def load_data(cfg: DataConfig, seed: int, frames: tuple | None = None) -> DataBu
     return _encoded(x_all, y_raw, feats, cfg, seed, frames)
 
 
+def _features(frame, names: list[str], cfg: DataConfig, source: str | None = None):
+    """Image pixels as a tensor; table columns as `Pending` (encoded after the split). Under
+    data.missing error a missing cell is a UserError here, naming its row in the file."""
+    if "__image__" in frame.column_names:  # imagefolder: already a pixel array
+        return torch.as_tensor(np.stack(frame["__image__"]), dtype=torch.float32)
+    source = source or cfg.source
+    missing = gaps(frame, names, cfg.missing, cfg.categorical, source)
+    rows = np.arange(frame.num_rows) if cfg.missing != "drop" else np.nonzero(~missing)[0]
+    return Pending(frame, rows, source, int(missing.sum()) if cfg.missing == "drop" else 0)
+
+
+def _keep(x, keep: np.ndarray | torch.Tensor, y: torch.Tensor):
+    """Rows `keep` (targets kept) of features x, with their encoded targets y [keep.sum()];
+    for Pending features also without the rows data.missing drop left out."""
+    keep = np.asarray(keep, dtype=bool)
+    if not isinstance(x, Pending):
+        return (x if bool(keep.all()) else x[torch.from_numpy(keep)]), y
+    kept = np.nonzero(keep)[0]
+    present = np.isin(kept, x.rows)  # rows not dropped for a missing feature
+    x = Pending(x.frame, kept[present], x.source, int((~present).sum()))
+    return x, (y if bool(present.all()) else y[torch.from_numpy(present)])
+
+
 def _with_text(frame, cfg: DataConfig, seed: int, frames: tuple | None) -> DataBundle:
     from dist_train.data.text import text_columns, tokenize
 
@@ -73,15 +122,31 @@ def _encoded(x_all, y_raw, feats, cfg: DataConfig, seed: int, frames: tuple | No
     valid = None
     if cfg.valid_source:
         vframe = frames[1] if frames else load_source(cfg.valid_source, cfg, "data.valid_source")
-        vx = _features(vframe, feats, cfg) if cfg.text is None else _tokens(vframe, cfg)
+        vx = (
+            _features(vframe, feats, cfg, cfg.valid_source)
+            if cfg.text is None
+            else _tokens(vframe, cfg)
+        )
         valid = (vx, _column(vframe, cfg.target, cfg.valid_source))
     classes, y_all, keep = _encode_targets(y_raw, cfg, None if valid is None else valid[1])
-    x_all = x_all if bool(keep.all()) else x_all[keep]  # no second copy when nothing is dropped
+    x_all, y_all = _keep(x_all, keep, y_all)  # no second copy when nothing is dropped
+    test = None
+    if cfg.test_source:
+        tframe = load_source(cfg.test_source, cfg, "data.test_source")
+        tx = (
+            _features(tframe, feats, cfg, cfg.test_source)
+            if cfg.text is None
+            else _tokens(tframe, cfg, cfg.test_source)
+        )
+        _, ty, tkeep = _encode_targets(
+            _column(tframe, cfg.target, cfg.test_source), cfg, None, classes
+        )
+        test = Table(*_keep(tx, tkeep, ty))
     if valid is not None:
         _, vy, vkeep = _encode_targets(valid[1], cfg, None, classes)
-        vx = valid[0] if bool(vkeep.all()) else valid[0][vkeep]
-        return _bundle(Table(x_all, y_all), Table(vx, vy), classes, feats, cfg, seed)
-    return _bundle(Table(x_all, y_all), None, classes, feats, cfg, seed)
+        vtab = Table(*_keep(valid[0], vkeep, vy))
+        return _bundle(Table(x_all, y_all), vtab, classes, feats, cfg, seed, test)
+    return _bundle(Table(x_all, y_all), None, classes, feats, cfg, seed, test)
 
 
 def _load_multilabel(
@@ -93,23 +158,104 @@ def _load_multilabel(
     valid = None
     if cfg.valid_source:
         vframe = frames[1] if frames else load_source(cfg.valid_source, cfg, "data.valid_source")
-        vx = _features(vframe, feats, cfg)
-        valid = Table(vx, label_matrix(vframe, cfg, cfg.valid_source, labels)[1])
-    return _bundle(Table(_features(frame, feats, cfg), y), valid, labels, feats, cfg, seed)
-
-
-def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, seed: int):
-    """The split (unless a validation source was given) and the train-split statistics."""
-    if valid is not None:
-        train, vtab = table, valid
-    else:
-        train, vtab = _split(
-            table, cfg.valid_fraction, seed if cfg.split_seed is None else cfg.split_seed
+        vx, vy = (
+            _features(vframe, feats, cfg, cfg.valid_source),
+            label_matrix(vframe, cfg, cfg.valid_source, labels)[1],
         )
+        valid = Table(*_keep(vx, np.ones(len(vy), dtype=bool), vy))
+    test = None
+    if cfg.test_source:
+        tframe = load_source(cfg.test_source, cfg, "data.test_source")
+        tx, ty = (
+            _features(tframe, feats, cfg, cfg.test_source),
+            label_matrix(tframe, cfg, cfg.test_source, labels)[1],
+        )
+        test = Table(*_keep(tx, np.ones(len(ty), dtype=bool), ty))
+    x, y = _keep(_features(frame, feats, cfg), np.ones(len(y), dtype=bool), y)
+    return _bundle(Table(x, y), valid, labels, feats, cfg, seed, test)
+
+
+def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, seed: int, test=None):
+    """The split (test rows first, then validation unless a validation source was given),
+    the column encoders fitted on the training rows, and the train-split statistics."""
+    split_seed = seed if cfg.split_seed is None else cfg.split_seed
+    fraction = 0.0 if valid is not None else cfg.valid_fraction
+    train_ids, valid_ids, test_ids = split_rows(
+        len(table.y), fraction, cfg.test_fraction, split_seed
+    )
+    encoder, notes = None, []
+    if isinstance(table.x, Pending):  # table columns: fit on the training rows only
+        fit_rows = table.x.rows[train_ids.numpy()]
+        frame = table.x.frame
+        encoder = TableEncoder.fit(
+            _take(frame, feats, fit_rows, cfg.source),
+            feats,
+            cfg.missing,
+            cfg.categorical,
+            cfg.source,
+        )
+        if table.x.dropped:
+            notes.append(
+                f"data.missing drop: {table.x.dropped} rows of {cfg.source} left out "
+                "(a feature cell missing)"
+            )
+
+        def encoded(pending: Pending, ids: torch.Tensor | None, what: str) -> torch.Tensor:
+            rows = pending.rows if ids is None else pending.rows[ids.numpy()]
+            x = encoder.transform(_take(pending.frame, feats, rows, pending.source), what)
+            line = encoder.last_counts.describe(what)
+            if line:
+                notes.append(line)
+            return _shaped(torch.from_numpy(x), cfg)
+
+        def part(ids, what):
+            return Table(encoded(table.x, ids, what), table.y[ids])
+
+        train = part(train_ids, "train split")
+        vtab = part(valid_ids, "valid split") if valid_ids is not None else None
+        ttab = part(test_ids, "test split") if test_ids is not None else None
+        for name, tab in (("valid", valid), ("test", test)):
+            if tab is not None:
+                if tab.x.dropped:
+                    notes.append(
+                        f"data.missing drop: {tab.x.dropped} rows of {tab.x.source} left out"
+                    )
+                enc = Table(encoded(tab.x, None, f"{name} source"), tab.y)
+                vtab, ttab = (enc, ttab) if name == "valid" else (vtab, enc)
+    else:
+        part = lambda ids: Table(table.x[ids], table.y[ids]) if ids is not None else None  # noqa: E731
+        train = table if len(train_ids) == len(table.y) and test_ids is None else part(train_ids)
+        vtab = valid if valid is not None else part(valid_ids)
+        ttab = test if test is not None else part(test_ids)
+    if ttab is not None:
+        where = cfg.test_source or f"data.test_fraction {cfg.test_fraction}"
+        notes.append(f"test: {len(ttab.y)} held-out rows ({where}), evaluated once after training")
     norm = None
     if cfg.standardize:
         norm = _fit_standardize(train.x)
-    return DataBundle(train, vtab, tuple(train.x.shape[1:]), classes, feats or [], norm)
+        for pos, _ in encoder.code_columns() if encoder is not None else []:
+            norm[0][pos], norm[1][pos] = 0.0, 1.0  # category codes stay integers (embedding)
+    return DataBundle(
+        train, vtab, tuple(train.x.shape[1:]), classes, feats or [], norm, ttab, encoder, notes
+    )
+
+
+def _take(frame, names: list[str], rows: np.ndarray, source: str):
+    """Rows `rows` of `frame`'s feature columns as a pyarrow Table (no copy of other columns)."""
+    import pyarrow as pa
+
+    return as_arrow(frame, names, source).take(pa.array(rows, pa.int64()))
+
+
+def _shaped(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    if cfg.shape:
+        if int(np.prod(cfg.shape)) != x.shape[1]:
+            raise UserError(
+                f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but "
+                f"rows have {x.shape[1]} features."
+            )
+        x = x.reshape(-1, *cfg.shape)
+    return x
 
 
 def _tokens(frame, cfg: DataConfig, source: str | None = None) -> torch.Tensor:
@@ -285,39 +431,6 @@ def _numeric(chunks) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
-def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
-    if "__image__" in frame.column_names:  # imagefolder: already a pixel array
-        return torch.as_tensor(np.stack(frame["__image__"]), dtype=torch.float32)
-    # Filled column by column: one float32 copy of the table at a time (peak memory).
-    values = np.empty((frame.num_rows, len(names)), dtype=np.float32)
-    for j, name in enumerate(names):
-        col = _column(frame, name, cfg.source, copy=False)
-        if not np.issubdtype(col.dtype, np.number) and col.dtype != bool:
-            bad = next((i for i, v in enumerate(col) if not parses_as_number(v)), 0)
-            value = col[bad].item() if isinstance(col[bad], np.generic) else col[bad]
-            raise UserError(
-                f"data.features: column `{name}` is not numeric (row {bad}: "
-                f"{value!r}); encode it as numbers or leave it out of "
-                "data.features."
-            )
-        values[:, j] = col
-    x = torch.from_numpy(values)
-    if torch.isnan(x).any():
-        row, colno = (int(v) for v in torch.nonzero(torch.isnan(x))[0])
-        raise UserError(
-            f"data: feature `{names[colno]}` is missing/NaN in row {row}; "
-            "clean the file or drop the column from data.features."
-        )
-    if cfg.shape:
-        if int(np.prod(cfg.shape)) != x.shape[1]:
-            raise UserError(
-                f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but "
-                f"rows have {x.shape[1]} features."
-            )
-        x = x.reshape(-1, *cfg.shape)
-    return x
-
-
 def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
     """(classes, encoded targets, row mask) — label encoding, `data.classes` filtering, checks."""
     keep = np.ones(len(y), dtype=bool)
@@ -401,14 +514,23 @@ def _numeric_target(y: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return y
 
 
-def _split(table: Table, fraction: float, seed: int) -> tuple[Table, Table | None]:
-    if fraction == 0:
-        return table, None
-    n = len(table.y)
-    n_valid = max(1, round(n * fraction))
+def split_rows(n: int, valid_fraction: float, test_fraction: float, seed: int):
+    """(train, valid or None, test or None) row positions, decided on row ids before anything
+    is fitted: one seeded permutation, its first `test_fraction` the test rows, the next
+    `valid_fraction` (of all rows) the validation rows, the rest training rows."""
+    n_test = max(1, round(n * test_fraction)) if test_fraction else 0
+    n_valid = max(1, round(n * valid_fraction)) if valid_fraction else 0
+    if n_test + n_valid == 0:
+        return torch.arange(n), None, None  # no split: the file's order
+    if n_test + n_valid >= n:
+        raise UserError(
+            f"data.valid_fraction {valid_fraction} and data.test_fraction {test_fraction} "
+            f"leave none of the {n} rows for training; lower them or add rows."
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    v, t = perm[:n_valid], perm[n_valid:]
-    return Table(table.x[t], table.y[t]), Table(table.x[v], table.y[v])
+    test = perm[:n_test] if n_test else None
+    valid = perm[n_test : n_test + n_valid] if n_valid else None
+    return perm[n_test + n_valid :], valid, test
 
 
 def load_table(
@@ -417,24 +539,33 @@ def load_table(
     classes: list | None,
     feature_names: list[str],
     require_target: bool = True,
+    encoder: TableEncoder | None = None,
 ) -> tuple[Table, bool]:
-    """Another file with the recipe's columns and class encoding (eval/predict `--data`).
-    Returns the table and whether it had targets (predict accepts files without them)."""
+    """Another file with the recipe's columns and class encoding (eval/predict `--data`), its
+    table columns encoded by the run's `encoder` (fitted on the training split). Returns the
+    table and whether it had targets (predict accepts files without them)."""
     frame = load_source(source, cfg, key="--data")
-    if cfg.text is not None:
-        x = _tokens(frame, cfg, source)
+    if cfg.text is not None or "__image__" in frame.column_names:
+        x = _tokens(frame, cfg, source) if cfg.text is not None else _features(frame, [], cfg)
+        rows, note = np.arange(len(x)), None
     else:
-        x = _features(frame, feature_names, cfg.model_copy(update={"source": source}))
+        encoder = encoder or TableEncoder.fit(frame, feature_names, cfg.missing, cfg.categorical)
+        arrow = as_arrow(frame, encoder.names, f"--data {source}")
+        x, kept, counts = encoder.encode(arrow, f"--data {source}")
+        rows, note = np.nonzero(kept)[0], counts.describe(f"--data {source}")
+        x = _shaped(torch.from_numpy(x), cfg)
     targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
     if not require_target and not set(targets) & set(frame.column_names):
         shape = (len(x), len(classes)) if cfg.task == "multilabel" else (len(x),)
-        return Table(x, torch.zeros(shape, dtype=torch.int64)), False
+        return Table(x, torch.zeros(shape, dtype=torch.int64), rows, note), False
     if cfg.task == "multilabel":
         from dist_train.data.multilabel import label_matrix
 
-        return Table(x, label_matrix(frame, cfg, source, classes)[1]), True
-    y_raw = _column(frame, cfg.target, source)
+        return Table(x, label_matrix(frame, cfg, source, classes)[1][rows], rows, note), True
+    y_raw = _column(frame, cfg.target, source)[rows]
     if cfg.task == "regression":
-        return Table(x, torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))), True
+        y = torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))
+        return Table(x, y, rows, note), True
     _, y, keep = _encode_targets(y_raw, cfg, None, classes)
-    return Table(x[keep], y), True
+    keep = keep.numpy()
+    return Table(x[torch.from_numpy(keep)], y, rows[keep], note), True

@@ -94,6 +94,7 @@ def build_local_net(recipe, data, head, rank: int, world: int) -> tuple[Net, dic
             out,
             data.norm,
             on_layer=lambda i, layer: local.keep(f"layers.{i}.", layer),
+            codes=data.codes,
         )
         if recipe.model.init is not None:
             local.replay_init(net.layers, recipe.model.init)

@@ -74,13 +74,15 @@ def build_model(
     out_features: int,
     norm: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_layer: Callable[[int, nn.Module], nn.Module] | None = None,
+    codes: list[tuple[int, int]] | None = None,
 ) -> Net:
     """Build on the CPU, under the caller's seed, so every rank starts from identical weights.
-    `on_layer(i, layer)`: what to keep of each built layer list entry (model/meta.py)."""
+    `on_layer(i, layer)`: what to keep of each built layer list entry (model/meta.py).
+    `codes`: (feature position, categories) of the data's `codes` columns (an embedding)."""
     if module is not None:
         body = import_module_class(module, input_shape, out_features)
     else:
-        body = build_layers(layers or [], input_shape, out_features, on_layer)
+        body = build_layers(layers or [], input_shape, out_features, on_layer, codes)
     if init is not None:
         apply_init(body, init)
     return Net(body, Standardize(*norm) if norm is not None else None)
@@ -91,11 +93,12 @@ def build_layers(
     input_shape: tuple[int, ...],
     out: int,
     on_layer: Callable[[int, nn.Module], nn.Module] | None = None,
+    codes: list[tuple[int, int]] | None = None,
 ) -> nn.Module:
     seq = nn.Sequential()
     x = torch.zeros(2, *input_shape)  # batch of 2 so batchnorm accepts the probe in train mode
     for i, spec in enumerate(specs):
-        layer = _make_layer(spec, tuple(x.shape[1:]), out, i)
+        layer = _make_layer(spec, tuple(x.shape[1:]), out, i, codes)
         try:
             with torch.no_grad():
                 x = layer(x)
@@ -108,8 +111,21 @@ def build_layers(
     return seq
 
 
-def _make_layer(spec: LayerSpec, shape: tuple[int, ...], out: int, i: int) -> nn.Module:
+def _make_layer(spec: LayerSpec, shape: tuple[int, ...], out: int, i: int, codes=None) -> nn.Module:
     a, kind, where = spec.args, spec.kind, f"model.layers[{i}] ({spec.kind})"
+    if kind == "embedding":
+        if not codes:
+            raise UserError(
+                f"{where}: embeds the data's category codes, but no feature column is "
+                "encoded as codes; list columns in data.categorical as `codes` (e.g. "
+                "{city: codes}) or remove the layer."
+            )
+        if i != 0 or len(shape) != 1:
+            raise UserError(
+                f"{where}: must be the first layer, reading the table's feature row (it "
+                "needs the positions of the code columns); move it to model.layers[0]."
+            )
+        return EmbedCodes(codes, shape[0], a.dim)
     if kind == "linear":
         if len(shape) != 1:
             raise UserError(
@@ -149,6 +165,30 @@ def _make_layer(spec: LayerSpec, shape: tuple[int, ...], out: int, i: int) -> nn
         "gelu": lambda: nn.GELU(),
     }
     return simple[kind]()
+
+
+class EmbedCodes(nn.Module):
+    """Category codes (1..K; 0 = unseen at fit time) -> learned vectors. The code columns'
+    vectors are concatenated after the other features: [B, F] -> [B, F - C + C * dim]."""
+
+    def __init__(self, codes: list[tuple[int, int]], width: int, dim: int) -> None:
+        super().__init__()
+        positions = [p for p, _ in codes]
+        rest = [j for j in range(width) if j not in set(positions)]
+        # Index lists as non-persistent buffers: they follow .to(device), stay out of the
+        # weights file (they come from the data's encoder, columns.json).
+        self.register_buffer("positions", torch.tensor(positions, dtype=torch.long), False)
+        self.register_buffer("rest", torch.tensor(rest, dtype=torch.long), False)
+        # code 0 (a category unseen at fit time) is the zero vector, never trained
+        self.tables = nn.ModuleList(nn.Embedding(k + 1, dim, padding_idx=0) for _, k in codes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.index_select(1, self.positions).round().long()
+        parts = [x.index_select(1, self.rest)]
+        for j, table in enumerate(self.tables):
+            # a code outside 0..K cannot come from the encoder; clamp instead of an index error
+            parts.append(table(ids[:, j].clamp(0, table.num_embeddings - 1)))
+        return torch.cat(parts, 1)
 
 
 def import_module_class(spec: ModuleArgs, input_shape: tuple[int, ...], out: int) -> nn.Module:

@@ -110,7 +110,15 @@ def check_rng_file(path: Path, rank: int) -> None:
 
 
 def export(
-    accelerator, model, run_dir: Path, recipe, data, state: TrainState, result: dict, weights="raw"
+    accelerator,
+    model,
+    run_dir: Path,
+    recipe,
+    data,
+    state: TrainState,
+    result: dict,
+    weights="raw",
+    test: dict | None = None,
 ):
     """model.safetensors from the unwrapped model (no `module.` prefix), then run.json done.
     `weights` says which (raw, or an average: training/ema.py); it goes into the metadata.
@@ -141,5 +149,7 @@ def export(
         "best_step": state.best_step,
         "final": {k: v for k, v in result.items() if not isinstance(v, list)},
     }
+    if test:  # the held-out test rows, evaluated once (trainer.evaluate_test)
+        info["test"] = {k: v for k, v in test.items() if not isinstance(v, list)}
     checkpoint.write_json_atomic(run_dir / "run.json", info)
     print(f"saved {run_dir / 'model.safetensors'}", flush=True)

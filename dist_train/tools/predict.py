@@ -14,6 +14,7 @@ import torch
 
 from dist_train.build import build_components, data_config
 from dist_train.config.recipe import load_recipe
+from dist_train.data.columns import find_saved
 from dist_train.data.loaders import make_loader
 from dist_train.data.sources import Table, load_table
 from dist_train.errors import UserError
@@ -30,13 +31,19 @@ def _setup(args, require_target: bool):
     load_into(model, args.checkpoint)
     table, has_target = data.valid, True
     if args.data:
+        # The run's own column encoders (columns.json beside the weights): the vocabularies and
+        # fill values fitted on its training split; a run without one refits them the same way.
+        encoder = find_saved(args.checkpoint) or data.encoder
         table, has_target = load_table(
             args.data,
             data_config(recipe),
             data.classes,
             data.feature_names,
             require_target=require_target,
+            encoder=encoder,
         )
+        if table.note and accelerator.is_main_process:
+            print(table.note, flush=True)
     if table is None:
         raise UserError(
             "eval: the recipe has no validation split (data.valid_fraction is 0); pass --data FILE."
@@ -95,13 +102,15 @@ def run_eval(args) -> int:
 
 
 def run_predict(args) -> int:
-    recipe, data, head, model, loader, accelerator, _table, has_target = _setup(args, False)
+    recipe, data, head, model, loader, accelerator, table, has_target = _setup(args, False)
+    file_rows = table.rows  # --data: each row's number in the file (data.missing drop skips)
     rows: list[list] = []
     for out, y, idx in gathered_outputs(model, loader, accelerator):
         scores = head.scores(out).cpu()
         target = y.cpu() if has_target else None
         preds = _rows(recipe.data.task, data.classes, scores, target, recipe.data.threshold)
-        rows += [[int(i), *r] for i, r in zip(idx.tolist(), preds, strict=False)]
+        ids = idx.tolist() if file_rows is None else file_rows[idx.numpy()].tolist()
+        rows += [[int(i), *r] for i, r in zip(ids, preds, strict=False)]
     if accelerator.is_main_process:
         header = _header(recipe.data.task, data.classes, has_target)
         out = Path(args.output) if args.output else _default_out(args.checkpoint, "preds.csv")

@@ -47,10 +47,17 @@ def gathered_outputs(model, loader, accelerator):
 
 
 def evaluate(
-    model, loader, head: Head, metrics: MetricSet | None, accelerator, chunk_rows=CHUNK_ROWS
+    model,
+    loader,
+    head: Head,
+    metrics: MetricSet | None,
+    accelerator,
+    chunk_rows=CHUNK_ROWS,
+    prefix: str = "valid",
 ) -> dict:
     """`valid/loss` averaged over samples (not batches) plus every metric; equal on all ranks
-    (each rank updates identical metric objects from the same gathered rows)."""
+    (each rank updates identical metric objects from the same gathered rows). `prefix`:
+    `test` for the held-out test split."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count, outs, ys = 0, [], []
 
@@ -75,7 +82,7 @@ def evaluate(
                 buffered = 0
         if outs:
             update()
-        result: dict = {"valid/loss": float(loss_sum) / max(count, 1), "valid/rows": count}
+        result: dict = {f"{prefix}/loss": float(loss_sum) / max(count, 1), f"{prefix}/rows": count}
         if metrics is not None:
-            result |= {f"valid/{k}": v for k, v in metrics.compute().items()}
+            result |= {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
     return result

@@ -162,8 +162,13 @@ class Trainer:
         train_dl = make_loader(built.data.train, plan.per_device, True, True, recipe.seed, balanced)
         valid = built.data.valid
         valid_dl = make_loader(valid, plan.eval_per_device, False, False) if valid else None
+        test = built.data.test
+        test_dl = make_loader(test, plan.eval_per_device, False, False) if test else None
         # Collective: built fine, so now (and only now) the directory may be cleared/created.
         materialize_run_dir(acc, self.run, recipe)
+        if acc.is_main_process and built.data.encoder is not None:
+            # The column encoders fitted on the training split, for eval/predict --data.
+            built.data.encoder.save(self.run_dir)
         if t.strategy == "fsdp":  # model and optimizer stay ours: training/fsdp.py says why
             self.model, self.optimizer = built.model, built.optimizer
             self.train_dl, self.scheduler = acc.prepare(train_dl, built.scheduler)
@@ -172,6 +177,7 @@ class Trainer:
                 built.model, built.optimizer, train_dl, built.scheduler
             )
         self.valid_dl = acc.prepare(valid_dl) if valid_dl is not None else None
+        self.test_dl = acc.prepare(test_dl) if test_dl is not None else None
         self.mixer = make_mixer(recipe, self.train_dl.dataset, self.data.num_classes)
         self.state = TrainState(world_size=acc.num_processes)
         if self.run.resume_from:  # collective: every rank loads its part of the same step
@@ -367,8 +373,10 @@ class Trainer:
         raise Preempted(self.state.step)
 
     def export(self) -> None:
-        """The end-of-run table, model.safetensors and run.json's final status."""
+        """The end-of-run table, the held-out test evaluation, model.safetensors and run.json's
+        final status."""
         self.log.summary(self.result, self.state.best_step)  # main process only
+        test = self.evaluate_test()  # collective: every rank evaluates the test rows
         # Measured after training (the optimizer state exists now); rank 0's, the largest shard.
         self.log.event("memory", step=self.state.step, **rank_bytes(self.model, self._opt()))
         averaged = self.average is not None and self.average.count > 0
@@ -383,7 +391,37 @@ class Trainer:
             self.state,
             self.result,
             weights=self.average.weights if averaged else "raw",
+            test=test,
         )
+        self.result = {**self.result, **test}  # train()'s answer: valid/... and test/...
+
+    def evaluate_test(self) -> dict:
+        """Collective: the test rows evaluated once, exactly as validation (every row once on
+        any world size), with the best checkpoint's weights when checkpoint.best kept one,
+        else the final (or averaged) weights; which is printed and logged."""
+        if self.test_dl is None:
+            return {}
+        acc, state = self.accelerator, self.state
+        averaged = self.average is not None and self.average.count > 0
+        model = self.average.module if averaged else self.model
+        which = f"final {self.average.weights} weights" if averaged else "final weights"
+        best = self.recipe.checkpoint.best
+        if best and state.best_step is not None and self.recipe.train.strategy != "fsdp":
+            model, file = best_weights(acc.unwrap_model(self.model), self.run_dir, state.best_step)
+            which = f"best checkpoint (step {state.best_step}, {file})"
+        elif best and state.best_step is not None:
+            which += " (strategy fsdp: the best checkpoint's shards are not reloaded here)"
+        signals.set_phase(f"test evaluation gather at step {state.step}")
+        result = evaluate(
+            model, self.test_dl, self.head, self._metric_set(True), acc, prefix="test"
+        )
+        result["test/weights"] = which
+        self.log.event("test", step=state.step, **result)
+        parts = [
+            f"{k.removeprefix('test/')} {v:.4f}" for k, v in result.items() if isinstance(v, float)
+        ]
+        self.log.info(f"test ({which}): " + "  ".join(parts) + f"  (rows {result['test/rows']})")
+        return result
 
     def teardown(self) -> None:
         """Close the log and audit file; give the signal handlers back (also after an error)."""
@@ -473,9 +511,17 @@ class Trainer:
             stop = state.stale_evals >= es.patience
         return from_main(self.accelerator, (improved, stop))  # collective: broadcast
 
-    def _metric_set(self) -> MetricSet | None:
+    def _metric_set(self, test: bool = False) -> MetricSet | None:
+        """Fresh metric objects for the validation (or, `test`, the test) rows."""
         supplied = self.supplied.metrics if self.supplied is not None else {}
-        if not (self.recipe.metrics or supplied) or self.data.valid is None:
+        if test and supplied:  # the caller's objects belong to validation: copies, reset
+            import copy
+
+            supplied = {k: copy.deepcopy(m) for k, m in supplied.items()}
+            for m in supplied.values():
+                m.reset()
+        rows = self.data.test if test else self.data.valid
+        if not (self.recipe.metrics or supplied) or rows is None:
             return None
         from dist_train.training.metrics import MetricSet
 
@@ -484,6 +530,29 @@ class Trainer:
         return MetricSet(
             self.recipe.metrics, task, classes, self.accelerator.device, threshold, supplied
         )
+
+
+def best_weights(net: torch.nn.Module, run_dir: Path, step: int) -> tuple[torch.nn.Module, str]:
+    """A copy of `net` holding the weights the best evaluation saw: the checkpoint of that
+    step's averaged weights if it has a non-empty average (train.ema/swa evaluate those),
+    else its raw weights. Every rank reads the same sealed files (no collective)."""
+    import copy
+
+    from safetensors import safe_open
+
+    from dist_train.model.pretrained import load_weights
+    from dist_train.run.checkpoint import checkpoint_dir
+    from dist_train.training.ema import AVERAGED_FILE
+
+    folder = checkpoint_dir(run_dir) / f"step-{step:06d}"
+    file = "model.safetensors"
+    if (folder / AVERAGED_FILE).is_file():
+        with safe_open(str(folder / AVERAGED_FILE), framework="pt") as fh:
+            if (fh.metadata() or {}).get("count", "0") != "0":
+                file = AVERAGED_FILE
+    copy_ = copy.deepcopy(net)
+    copy_.load_state_dict(load_weights(str(folder / file), key="checkpoint.best"))
+    return copy_, file
 
 
 def open_audit(run_dir: Path, rank: int) -> TextIO | None:

@@ -40,7 +40,7 @@ BASE = {
     "metrics": ["accuracy"],
 }
 DATA_CSV = "a,b,label\n" + "".join(f"{i * 0.5},{i % 4},{i % 3}\n" for i in range(12))
-TEXT_CSV = "a,b,label\n1,x,0\n2,y,1\n3,z,2\n4,w,0\n"
+GAP_CSV = "a,b,label\n1,x,0\n2,y,1\n3,,2\n4,w,0\n"
 NAN_LABEL_CSV = "a,b,label\n1,2,0\n2,3,1\n3,4,\n4,5,1\n"
 
 
@@ -287,10 +287,20 @@ CASES = [
         overrides=("data.target=labl", "data.features=[a,b]"),
     ),
     Case(
-        "non_numeric_feature",
-        ("column `b` is not numeric", "row 0", "data.features"),
-        overrides=("data.source=csv:text.csv",),
-        files={"text.csv": TEXT_CSV},
+        "missing_feature_cell",
+        ("feature `b` is missing/NaN in row 2", "gap.csv", "data.missing: drop"),
+        overrides=("data.source=csv:gap.csv",),
+        files={"gap.csv": GAP_CSV},
+    ),
+    Case(
+        "test_and_valid_fraction_leave_no_training_rows",
+        ("data.test_fraction 0.8 + data.valid_fraction 0.25", "keep their sum below 1"),
+        overrides=("data.test_fraction=0.8",),
+    ),
+    Case(
+        "categorical_not_a_feature",
+        ("data.categorical: column `c`", "not a feature column"),
+        overrides=("data.categorical={c: onehot}",),
     ),
     Case(
         "nan_label",
