@@ -100,36 +100,93 @@ def preload() -> None:
 
 
 def cli_ranks(args: list[str], nproc: int, timeout: float = 300, **extra_env: str) -> Result:
+    """`dist-train ARGS` on `nproc` real processes forked from this one (`Ranks`), run to the
+    end. Returns rank 0's then rank 1's... output, and the first non-zero exit code (0 when
+    every rank succeeded)."""
+    ranks = Ranks(args, nproc, **extra_env)
+    codes = ranks.wait(timeout)
+    failed = [c for c in codes if c != 0]
+    return Result(failed[0] if failed else 0, ranks.stdout(), ranks.stderr())
+
+
+class Ranks:
     """`dist-train ARGS` on `nproc` real processes forked from this one; with nproc > 1 each
     gets torchrun's environment (`torchrun_env`) and they join by gloo like torchrun's ranks.
     What a fresh interpreter (and torchrun) would add is each process's imports and the
-    launcher's start-up: ~17 s of CPU per 2-rank launch on this machine, 5x the work of a small
-    test run. Launchers themselves are tested where they matter (kills and signals through
-    torchrun, launch configs, SLURM, one torchrun launch of every shipped recipe). Returns rank
-    0's then rank 1's... output, and the first non-zero exit code (0 when all succeeded)."""
-    import tempfile
+    launcher's start-up: ~17 s of CPU per 2-rank launch on this machine, several times the work
+    of a small test run. Launchers themselves are tested where they matter (torchrun from a
+    user script, accelerate launch configs, SLURM, sweeps, multi-node, one torchrun launch of
+    every shipped recipe); DIST_TRAIN_TEST_LAUNCHER=exec sends every test through them."""
 
-    if nproc > 1:
-        forbid_in_fast_loop(f"a {nproc}-process launch")
-    preload()
-    port, logs = free_port(), Path(tempfile.mkdtemp(prefix="ranks-"))
-    pids = [_fork_rank(args, rank, nproc, port, logs, extra_env) for rank in range(nproc)]
-    codes = _wait_all(pids, timeout, args)
-    out = "".join((logs / f"{r}.out").read_text(errors="replace") for r in range(nproc))
-    err = "".join((logs / f"{r}.err").read_text(errors="replace") for r in range(nproc))
-    failed = [c for c in codes if c != 0]
-    return Result(failed[0] if failed else 0, out, err)
+    def __init__(self, args: list[str], nproc: int = 1, **extra_env: str) -> None:
+        import tempfile
+
+        if nproc > 1:
+            forbid_in_fast_loop(f"a {nproc}-process launch")
+        preload()
+        self.args, self.nproc = list(args), nproc
+        self.logs = Path(tempfile.mkdtemp(prefix="ranks-"))
+        port = free_port()
+        self.pids = [self._fork(rank, port, extra_env) for rank in range(nproc)]
+        self.codes: dict[int, int] = {}
+
+    def _fork(self, rank: int, port: int, extra_env: dict) -> int:
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 70  # the child: never return into pytest, whatever happens
+        try:
+            code = _rank_main(self.args, rank, self.nproc, port, self.logs, extra_env)
+        finally:
+            os._exit(code)
+
+    def poll(self) -> bool:
+        """Whether every rank has ended (their exit codes are collected as they end)."""
+        for pid in self.pids:
+            if pid not in self.codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.codes[pid] = _code(status)
+        return len(self.codes) == len(self.pids)
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to every rank still running (SIGTERM: preemption; SIGKILL: a crash)."""
+        for pid in self.pids:
+            if pid not in self.codes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
+    def kill_tree(self, sig: int) -> None:
+        """`sig` to every rank and whatever it started (a sweep driver's trial launches)."""
+        for pid in self.pids:
+            if pid not in self.codes:
+                kill_tree(pid, sig)
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        """Exit codes (negative: the signal that ended it) of every rank; at the timeout every
+        rank still running is killed and TimeoutExpired raised, as subprocess.run would."""
+        deadline = time.monotonic() + timeout
+        while not self.poll():
+            if time.monotonic() > deadline:
+                self.signal(signal.SIGKILL)
+                while not self.poll():
+                    time.sleep(0.01)
+                raise subprocess.TimeoutExpired(["dist-train", *self.args], timeout)
+            time.sleep(0.01)
+        return [self.codes[pid] for pid in self.pids]
+
+    def stdout(self) -> str:
+        return "".join(self._read(r, "out") for r in range(self.nproc))
+
+    def stderr(self) -> str:
+        return "".join(self._read(r, "err") for r in range(self.nproc))
+
+    def _read(self, rank: int, name: str) -> str:
+        return (self.logs / f"{rank}.{name}").read_text(errors="replace")
 
 
-def _fork_rank(args, rank: int, nproc: int, port: int, logs: Path, extra_env: dict) -> int:
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 70  # the child: never return into pytest, whatever happens
-    try:
-        code = _rank_main(args, rank, nproc, port, logs, extra_env)
-    finally:
-        os._exit(code)
+def _code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _rank_main(args, rank: int, nproc: int, port: int, logs: Path, extra_env: dict) -> int:
@@ -173,29 +230,6 @@ def _rank_main(args, rank: int, nproc: int, port: int, logs: Path, extra_env: di
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-
-
-def _wait_all(pids: list[int], timeout: float, args) -> list[int]:
-    """Exit codes (negative: killed by that signal) of every rank; at the timeout every rank
-    still running is killed and TimeoutExpired raised, as subprocess.run would."""
-    codes: dict[int, int] = {}
-    deadline = time.monotonic() + timeout
-    while len(codes) < len(pids):
-        for pid in pids:
-            if pid in codes:
-                continue
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                codes[pid] = (
-                    -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-                )
-        if time.monotonic() > deadline:
-            for pid in set(pids) - set(codes):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            raise subprocess.TimeoutExpired(["dist-train", *args], timeout)
-        time.sleep(0.01)
-    return [codes[pid] for pid in pids]
 
 
 @dataclass
@@ -283,8 +317,23 @@ def run_until_then_kill(
     timeout: float = 120,
     poll: float = 0.002,
 ) -> bool:
-    """Start training, SIGKILL the whole process group as soon as `condition()` holds.
+    """Start training, SIGKILL every process it started as soon as `condition()` holds.
     Returns True if it was killed, False if the run ended first."""
+    if os.environ.get(LAUNCHER_ENV, "fork") == "fork":
+        ranks = Ranks(args, nproc)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ranks.poll() and time.monotonic() < deadline:
+                if condition():
+                    ranks.kill_tree(signal.SIGKILL)
+                    ranks.wait()
+                    return True
+                time.sleep(poll)
+            return False
+        finally:
+            if not ranks.poll():
+                ranks.kill_tree(signal.SIGKILL)
+                ranks.wait()
     cmd = command(list(args), nproc)
     proc = subprocess.Popen(
         cmd,

@@ -4,6 +4,7 @@ once several test folders' conftest files are loaded in one session)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -88,8 +89,19 @@ def logged_step(run: Path, step: int):
 
 def preempt(args: list[str], run: Path, nproc: int, at_step: int) -> None:
     """SIGTERM every rank once `at_step` is logged: a clean, synchronized stop (exit 75)."""
-    from procs import free_port
+    from procs import LAUNCHER_ENV, Ranks, free_port
 
+    reached = logged_step(run, at_step)
+    if os.environ.get(LAUNCHER_ENV, "fork") == "fork":  # ranks forked from this process
+        ranks = Ranks(args, nproc, DIST_TRAIN_AUDIT_SAMPLES="1")
+        deadline = time.monotonic() + 120
+        while not reached() and not ranks.poll() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ranks.signal(signal.SIGTERM)
+        ranks.wait(120)
+        out = ranks.stdout() + ranks.stderr()
+        assert "stopped by a signal" in out, out[-3000:]
+        return
     cmd = [
         sys.executable,
         "-m",
@@ -112,7 +124,6 @@ def preempt(args: list[str], run: Path, nproc: int, at_step: int) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    reached = logged_step(run, at_step)
     deadline = time.monotonic() + 120
     while not reached() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
