@@ -123,40 +123,34 @@ def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
         from dist_train.data.sources import load_source
 
         load_source(source, cfg, key)  # the memory path's KIND:LOCATION error
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        files, fmt = arrow.parquet_files(loc, key), "parquet"
-        metas = [pq.read_metadata(f) for f in files]
-        rows, names = sum(m.num_rows for m in metas), pq.read_schema(files[0]).names
-        if rows == 0:
-            raise UserError(f"{key} `{source}`: no rows in {len(files)} file(s); add data rows.")
+    if kind == "parquet":  # each shard copied once into the Arrow cache (arrow.arrow_cache)
+        shards = arrow.parquet_files(loc, key)
+        files = [arrow.arrow_cache("parquet", f, cfg, key) for f in shards]
+    elif kind == "disk":
+        files = arrow.disk_files(loc, cfg.split, f"{key} `{source}`")
     else:
-        if kind == "disk":
-            files = arrow.disk_files(loc, cfg.split, f"{key} `{source}`")
-        else:
-            files = [arrow.arrow_cache(kind, loc, cfg, key)]
-        fmt = "arrow"
-        table = arrow.open_arrow(files)  # memory-mapped: reads the schema, not the rows
-        rows, names = table.num_rows, table.column_names
+        files = [arrow.arrow_cache(kind, loc, cfg, key)]
+    table = arrow.open_arrow(files)  # memory-mapped: reads the schema, not the rows
+    rows, names = table.num_rows, table.column_names
+    if rows == 0:
+        raise UserError(f"{key} `{source}`: no rows in {len(files)} file(s); add data rows.")
     feats = feats or _feature_names(cfg, names)
-    _check_columns(feats, names, source, files[0], fmt)
+    _check_columns(feats, table.schema, source)
     if cfg.shape and int(np.prod(cfg.shape)) != len(feats):
         raise UserError(
             f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
             f"{len(feats)} features."
         )
-    return arrow.ArrowRows(files, fmt, feats, rows, cfg.shape), feats, names
+    return arrow.ArrowRows(files, feats, rows, cfg.shape), feats, names
 
 
-def _check_columns(feats: list[str], names: list[str], source: str, first: str, fmt: str):
+def _check_columns(feats: list[str], schema, source: str):
     """Feature columns exist and are numbers/booleans (from the schema: nothing read)."""
     import difflib
 
     import pyarrow as pa
 
-    from dist_train.data import arrow
-
+    names = schema.names
     for name in feats:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
@@ -164,13 +158,6 @@ def _check_columns(feats: list[str], names: list[str], source: str, first: str, 
             raise UserError(
                 f"column `{name}` not in {source}; {hint}columns: {', '.join(names[:20])}"
             )
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(first)
-    else:
-        schema = arrow.open_arrow([first]).schema
-    for name in feats:
         kind = schema.field(name).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or kind == pa.bool_()):
             raise UserError(
