@@ -68,9 +68,9 @@ def read_parquet(files: list[str]):
 def disk_files(loc: str, split: str, key: str) -> list[str]:
     """The Arrow files behind a `datasets.save_to_disk` directory (memory-mapped by datasets
     itself); save_to_disk writes the rows flattened, in order, so row i is row i of the files."""
-    from dist_train.data.sources import _from_disk
+    from dist_train.data.sources import from_disk
 
-    ds = _from_disk(loc, split, key)
+    ds = from_disk(loc, split, key)
     files = [f["filename"] for f in ds.cache_files]
     if not files or ds._indices is not None:  # an in-memory or index-mapped dataset
         raise UserError(
@@ -111,7 +111,13 @@ def arrow_cache(kind: str, loc: str, cfg, key: str) -> str:
     try:
         tmp = work / "rows.arrow"
         if kind == "parquet":
-            _parquet_to_arrow(loc, tmp)
+            try:
+                _parquet_to_arrow(loc, tmp)
+            except Exception as err:  # pyarrow's parse errors carry the useful detail
+                raise UserError(
+                    f"{key} `parquet:{loc}`: cannot parse {loc} as parquet: "
+                    f"{str(err).splitlines()[0][:200]}"
+                ) from None
         else:
             _text_to_arrow(kind, loc, cfg, key, work, tmp)
         os.replace(tmp, out)  # atomic: a reader never sees a half-written cache

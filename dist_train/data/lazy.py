@@ -43,7 +43,13 @@ def choose_mode(cfg: DataConfig) -> Mode:
         return Mode("lazy", "data.mode lazy")
     if reason:
         return Mode("memory", f"auto: {reason}")
-    est, budget = estimate_bytes(cfg, kind), memory_budget(cfg)
+    try:
+        est = estimate_bytes(cfg, kind)
+    except UserError:
+        raise
+    except Exception:  # unreadable metadata: the memory path's reader words the parse error
+        return Mode("memory", f"auto: cannot estimate the size of {cfg.source}")
+    budget = memory_budget(cfg)
     sign = "<=" if est <= budget else ">"
     why = f"auto: estimated {_gib(est)} {sign} budget {_gib(budget)} per process"
     return Mode("memory" if est <= budget else "lazy", why)
@@ -84,9 +90,9 @@ def estimate_bytes(cfg: DataConfig, kind: str) -> float:
         rows = sum(pq.read_metadata(f).num_rows for f in files)
         names = pq.read_schema(files[0]).names
     elif kind == "disk":
-        from dist_train.data.sources import _from_disk
+        from dist_train.data.sources import from_disk
 
-        ds = _from_disk(loc, cfg.split, f"data.source `{cfg.source}`")
+        ds = from_disk(loc, cfg.split, f"data.source `{cfg.source}`")
         rows, names = ds.num_rows, ds.column_names
     else:
         return float(os.path.getsize(loc)) if Path(loc).is_file() else 0.0
@@ -168,20 +174,20 @@ def _check_columns(feats: list[str], schema, source: str):
 
 def load_lazy(cfg: DataConfig, seed: int, why: str):
     """The lazy bundle: targets and split in memory, features left in the files."""
-    from dist_train.data.sources import DataBundle, _column, _encode_targets, split_order
+    from dist_train.data.sources import DataBundle, column, encode_targets, split_order
 
     rows, feats, _ = open_rows(cfg.source, cfg, "data.source", None)
-    y_raw = _column(rows.table([cfg.target]), cfg.target, cfg.source)
+    y_raw = column(rows.table([cfg.target]), cfg.target, cfg.source)
     valid = None
     if cfg.valid_source:
         vrows, _, _ = open_rows(cfg.valid_source, cfg, "data.valid_source", feats)
-        vy_raw = _column(vrows.table([cfg.target]), cfg.target, cfg.valid_source)
-        classes, y_all, keep = _encode_targets(y_raw, cfg, vy_raw)
-        _, vy, vkeep = _encode_targets(vy_raw, cfg, None, classes)
+        vy_raw = column(vrows.table([cfg.target]), cfg.target, cfg.valid_source)
+        classes, y_all, keep = encode_targets(y_raw, cfg, vy_raw)
+        _, vy, vkeep = encode_targets(vy_raw, cfg, None, classes)
         valid = LazyTable(vrows, np.flatnonzero(vkeep.numpy()).astype(np.int64), vy)
         train = LazyTable(rows, np.flatnonzero(keep.numpy()).astype(np.int64), y_all)
     else:
-        classes, y_all, keep = _encode_targets(y_raw, cfg, None)
+        classes, y_all, keep = encode_targets(y_raw, cfg, None)
         ids = np.flatnonzero(keep.numpy()).astype(np.int64)
         split_seed = seed if cfg.split_seed is None else cfg.split_seed
         t, v = split_order(len(y_all), cfg.valid_fraction, split_seed)
@@ -203,17 +209,17 @@ def load_lazy_table(
     """`sources.load_table` (eval/predict `--data`) on the lazy path: every row of `source`
     in file order (predict writes them in that order), targets encoded with the run's classes;
     a file without the target column is accepted when `require_target` is False."""
-    from dist_train.data.sources import _column, _encode_targets, _numeric_target
+    from dist_train.data.sources import column, encode_targets, numeric_target
 
     rows, _, names = open_rows(source, cfg, "--data", feats)
     every = np.arange(len(rows), dtype=np.int64)
     if not require_target and cfg.target not in names:
         return LazyTable(rows, every, torch.zeros(len(rows), dtype=torch.int64)), False
-    y_raw = _column(rows.table([cfg.target]), cfg.target, source)
+    y_raw = column(rows.table([cfg.target]), cfg.target, source)
     if cfg.task == "regression":
-        y = torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))
+        y = torch.from_numpy(numeric_target(y_raw, cfg).astype(np.float32))
         return LazyTable(rows, every, y), True
-    _, y, keep = _encode_targets(y_raw, cfg, None, classes)
+    _, y, keep = encode_targets(y_raw, cfg, None, classes)
     return LazyTable(rows, np.flatnonzero(keep.numpy()).astype(np.int64), y), True
 
 

@@ -138,12 +138,16 @@ def test_auto_chooses_by_the_estimated_size(files):
         ("parquet:{root}/nothing-*.parquet", "lazy", "the glob matches no files"),
         ("parquet:{root}/nothing-*.parquet", "memory", "the glob matches no files"),
         ("sklearn:iris", "lazy", "data.mode lazy: sklearn: sources are read into memory"),
+        ("parquet:{root}/bad.parquet", "lazy", "cannot parse .*bad.parquet as parquet"),
+        ("parquet:{root}/bad.parquet", "auto", "cannot parse .*bad.parquet as parquet"),
     ],
 )
 def test_bad_lazy_sources_are_user_errors(tmp_path, source, mode, message):
     (tmp_path / "empty").mkdir()
-    cfg = _cfg(source.format(root=tmp_path), mode=mode, classes=None)
-    with pytest.raises(UserError, match=message.replace("*", r"\*").replace("(", r"\(")):
+    (tmp_path / "bad.parquet").write_text("not parquet\n")
+    cfg = _cfg(source.format(root=tmp_path), mode=mode, classes=None, cache_dir=str(tmp_path))
+    pattern = message if ".*" in message else message.replace("*", r"\*").replace("(", r"\(")
+    with pytest.raises(UserError, match=pattern):
         load_data(cfg, seed=0)
 
 
