@@ -16,6 +16,7 @@ import torch
 
 from dist_train.config.schema import DataConfig
 from dist_train.data.columns import TableEncoder, as_arrow, gaps
+from dist_train.data.rows import LazyTable, Workers
 from dist_train.errors import UserError
 from dist_train.numbers import parses_as_number
 
@@ -29,6 +30,17 @@ class Table:
     y: torch.Tensor  # int64 [N] (classes), [N, L] 0/1 (multilabel), float32 [N] (regression)
     rows: np.ndarray | None = None  # load_table: each row's number in the file (drop skips)
     note: str | None = None  # load_table: what the column encoders counted (printed)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def head(self, n: int) -> torch.Tensor:
+        """Features of the first `n` rows (probes; a `rows.LazyTable` fetches them instead)."""
+        return self.x[:n]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
 
 
 @dataclass
@@ -48,8 +60,8 @@ class Pending:
 
 @dataclass
 class DataBundle:
-    train: Table
-    valid: Table | None
+    train: Table | LazyTable  # LazyTable: data.mode lazy (data/rows.py)
+    valid: Table | LazyTable | None
     input_shape: tuple[int, ...]
     classes: list | None  # label of each class index; None for regression
     feature_names: list[str] = field(default_factory=list)
@@ -59,6 +71,8 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)  # dropped/imputed/unseen counts (the plan)
     input_names: list[str] | None = None  # data.text: names of the K token rows (data/text.py)
     right_padded: bool = True  # data.text: the tokenizer pads on the right
+    workers: Workers | None = None  # lazy: the DataLoader worker pool (None: no workers)
+    plan: str = ""  # the plan's data line: which path (data.mode) and why
 
     @property
     def codes(self) -> list[tuple[int, int]] | None:
@@ -73,6 +87,19 @@ class DataBundle:
 def load_data(cfg: DataConfig, seed: int, frames: tuple | None = None) -> DataBundle:
     """Load, encode, split and (optionally) standardise; identical on every rank. `frames`:
     (train, valid or None) tables already in memory (dist_train.fit's data, data/python.py)."""
+    if not frames:
+        from dist_train.data.lazy import choose_mode, load_lazy
+
+        mode = choose_mode(cfg)
+        if mode.mode == "lazy":
+            return load_lazy(cfg, seed, mode.why)
+        bundle = _load_memory(cfg, seed, None)
+        bundle.plan = f"data: memory ({mode.why})"
+        return bundle
+    return _load_memory(cfg, seed, frames)
+
+
+def _load_memory(cfg: DataConfig, seed: int, frames: tuple | None) -> DataBundle:
     frame = frames[0] if frames else load_source(cfg.source, cfg)
     if cfg.text is not None:  # token rows instead of float features
         return _with_text(frame, cfg, seed, frames)
@@ -291,6 +318,13 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
             f"{key} `{source}`: python: data comes only from dist_train.fit(train_data=...); "
             "in a recipe file use csv:, parquet:, json:, disk:, imagefolder:, hub: or sklearn:."
         )
+    if kind == "parquet" and not Path(loc).is_file():  # a directory of shards or a glob
+        from dist_train.data.arrow import parquet_files, read_parquet
+
+        table = read_parquet(parquet_files(loc, key))
+        if table.num_rows == 0:
+            raise UserError(f"{key} `{source}`: {loc} has no rows; add data rows or fix {key}.")
+        return table
     if kind in FILE_KINDS:
         if not Path(loc).is_file():
             raise UserError(
@@ -335,14 +369,9 @@ def _read_file(kind: str, loc: str):
         # A local parquet file is already arrow: pyarrow (the reader `datasets` itself uses for
         # it) gives the same table directly, without importing `datasets` (~0.9 s before the
         # first step) or writing a second copy into its cache.
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        from dist_train.data.arrow import read_parquet
 
-        table = pq.read_table(loc)
-        # Decoding buffers are freed but kept by arrow's allocator: hand them back to the OS
-        # (~50 MiB per 25 MiB of table here) rather than carry them all run.
-        pa.default_memory_pool().release_unused()
-        return table
+        return read_parquet([loc])
     import datasets
 
     datasets.disable_progress_bars()
@@ -533,6 +562,13 @@ def split_rows(n: int, valid_fraction: float, test_fraction: float, seed: int):
     return perm[n_test + n_valid :], valid, test
 
 
+def split_order(n: int, fraction: float, seed: int):
+    """(train rows, valid rows or None) of `split_rows` without a test split, for the lazy path
+    (data/lazy.py): both paths hold the same rows in the same order."""
+    train, valid, _ = split_rows(n, fraction, 0.0, seed)
+    return train, valid
+
+
 def load_table(
     source: str,
     cfg: DataConfig,
@@ -543,7 +579,12 @@ def load_table(
 ) -> tuple[Table, bool]:
     """Another file with the recipe's columns and class encoding (eval/predict `--data`), its
     table columns encoded by the run's `encoder` (fitted on the training split). Returns the
-    table and whether it had targets (predict accepts files without them)."""
+    table and whether it had targets (predict accepts files without them); a `LazyTable` when
+    data.mode (auto: the size of this file) says lazy."""
+    from dist_train.data.lazy import choose_mode, load_lazy_table
+
+    if choose_mode(cfg.model_copy(update={"source": source, "valid_source": None})).mode == "lazy":
+        return load_lazy_table(source, cfg, classes, feature_names, require_target)
     frame = load_source(source, cfg, key="--data")
     if cfg.text is not None or "__image__" in frame.column_names:
         x = _tokens(frame, cfg, source) if cfg.text is not None else _features(frame, [], cfg)
@@ -569,3 +610,10 @@ def load_table(
     _, y, keep = _encode_targets(y_raw, cfg, None, classes)
     keep = keep.numpy()
     return Table(x[torch.from_numpy(keep)], y, rows[keep], note), True
+
+
+# The memory path's readers and target encoding, shared by the lazy path (data/lazy.py,
+# data/arrow.py) so both read and encode alike.
+from_disk = _from_disk
+encode_targets = _encode_targets
+numeric_target = _numeric_target
