@@ -244,6 +244,11 @@ def load_stream(cfg: DataConfig, seed: int, why: str):
             f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
             f"{len(feats)} features."
         )
+    if cfg.standardize and cfg.shape and len(cfg.shape) == 3:
+        raise UserError(
+            "data.mode stream: per-channel statistics of image rows (data.shape [C, H, W]) are "
+            "not streamed; set data.standardize: false or use data.mode lazy."
+        )
     src = StreamSource(src.kind, src.files, src.split, (*feats, cfg.target))
     ds = src.open()
     # Scan 1: the target column (classes need every label before any row is encoded).
@@ -280,15 +285,7 @@ def load_stream(cfg: DataConfig, seed: int, why: str):
                 break
             stats.add(x)
     table.first = first.view(-1, *shape)
-    norm = None
-    if cfg.standardize:
-        stat_shape = (shape[0], 1, 1) if len(shape) == 3 else shape
-        if len(shape) == 3:  # per channel, as the memory path
-            raise UserError(
-                "data.mode stream: per-channel statistics of image rows are not streamed; set "
-                "data.standardize: false or use data.mode lazy."
-            )
-        norm = stats.result(stat_shape)
+    norm = stats.result(shape) if cfg.standardize else None
     valid = None
     vwhat = "none (stream: give data.valid_source)"
     if cfg.valid_source:
