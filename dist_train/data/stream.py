@@ -82,7 +82,7 @@ class StreamSource:
         return [ds.shard(num_shards=n, index=i) for i in range(n)]
 
 
-def chunks(shard) -> object:
+def chunks(shard):
     """Arrow tables of up to CHUNK rows of one shard, in file order."""
     return shard.with_format("arrow").iter(batch_size=CHUNK)
 
