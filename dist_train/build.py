@@ -124,7 +124,7 @@ def build_components(
         if local is not None:
             meta.materialize(model, local, accelerator.device)
     opt = build_optimizer(model, recipe.optimizer)
-    n_train = len(data.train.y)
+    n_train = len(data.train)  # a stream: the rows its scan counted
     total = total_steps(recipe, n_train)
     if total == 0:
         raise UserError(

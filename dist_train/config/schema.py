@@ -214,7 +214,8 @@ class DataConfig(Strict):
         "auto",
         description="memory: every row as tensors (fastest); lazy: rows fetched per batch from "
         "parquet/disk/csv/json (csv/json via an Arrow cache); auto: memory when the estimated "
-        "float32 table fits data.memory_budget_gb; stream: not available yet",
+        "float32 table fits data.memory_budget_gb; stream: parquet/csv/json/hub read as a "
+        "stream, for sources that cannot be indexed (README: Data larger than memory)",
     )
     memory_budget_gb: float = Field(
         8.0,
@@ -239,12 +240,24 @@ class DataConfig(Strict):
         "(default: $XDG_CACHE_HOME/dist_train or ~/.cache/dist_train)",
     )
 
+    shuffle_buffer: int = Field(
+        10000,
+        ge=0,
+        description="stream: rows in the seeded shuffle buffer (0/1: the stream's file order; "
+        "shards are still drawn in a seeded order per epoch)",
+    )
+    streaming: bool = Field(
+        False,
+        description="hub: read the dataset as a stream (same as data.mode stream; auto "
+        "then picks stream)",
+    )
+
     @model_validator(mode="after")
     def _stream(self) -> DataConfig:
-        if self.mode == "stream":
+        if self.streaming and self.mode in ("memory", "lazy"):
             raise ValueError(
-                "data.mode stream: streaming data is not available yet; use `lazy` (parquet "
-                "files/shard directories, disk:, csv/json through an Arrow cache) or `auto`"
+                f"data.streaming true reads the source as a stream but data.mode is "
+                f"{self.mode}; drop one of them (or set data.mode stream)"
             )
         return self
 

@@ -136,6 +136,13 @@ def make_loader(
     A `LazyTable` gets the same sampler, generator and batching over `LazyRows`: the DataLoader
     hands each worker one batch's index list and the worker fetches it with `__getitems__`, so
     the rows and their order are those of the memory path; `workers` sets the worker pool."""
+    if not isinstance(table, Table | LazyTable):  # a stream (data/stream.py) has no row access
+        from dist_train.errors import UserError
+
+        raise UserError(
+            "this command reads rows by index; data.mode stream trains only (set data.mode "
+            "lazy or memory for it)."
+        )
     sampler = BalancedSampler(table.y, seed) if balanced else None
     lazy = isinstance(table, LazyTable)
     extra = (workers or Workers()).loader_kwargs() if lazy else {}

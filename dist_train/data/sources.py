@@ -60,7 +60,7 @@ class Pending:
 
 @dataclass
 class DataBundle:
-    train: Table | LazyTable  # LazyTable: data.mode lazy (data/rows.py)
+    train: Table | LazyTable  # LazyTable: data.mode lazy (data/rows.py); stream: StreamTable
     valid: Table | LazyTable | None
     input_shape: tuple[int, ...]
     classes: list | None  # label of each class index; None for regression
@@ -87,6 +87,11 @@ class DataBundle:
 def load_data(cfg: DataConfig, seed: int, frames: tuple | None = None) -> DataBundle:
     """Load, encode, split and (optionally) standardise; identical on every rank. `frames`:
     (train, valid or None) tables already in memory (dist_train.fit's data, data/python.py)."""
+    if not frames and (cfg.mode == "stream" or (cfg.streaming and cfg.mode == "auto")):
+        from dist_train.data.stream import load_stream
+
+        why = "data.mode stream" if cfg.mode == "stream" else "auto: data.streaming true"
+        return load_stream(cfg, seed, why)
     if not frames:
         from dist_train.data.lazy import choose_mode, load_lazy
 

@@ -22,6 +22,7 @@ from dist_train.config.schema import Recipe
 from dist_train.data.augment import augment_batch, augment_generator
 from dist_train.data.loaders import fast_batches, make_loader
 from dist_train.data.mix import make_mixer
+from dist_train.data.stream import StreamLoader, StreamTable, stream_loader
 from dist_train.errors import CollectiveFailure
 from dist_train.model.finetune import save_report
 from dist_train.run.rundir import RunPlan, agree_run_dir, materialize_run_dir
@@ -160,9 +161,16 @@ class Trainer:
         )
         balanced = recipe.data.sampler == "balanced"
         workers = built.data.workers  # lazy tables: the DataLoader worker pool
-        train_dl = make_loader(
-            built.data.train, plan.per_device, True, True, recipe.seed, balanced, workers
-        )
+        streamed = isinstance(built.data.train, StreamTable)
+        if streamed:  # data.mode stream: this rank's share of the global stream, not prepared
+            limit = self.per_epoch * t.grad_accum
+            train_dl = stream_loader(
+                built.data.train, plan.per_device, limit, recipe.seed, acc, workers
+            )
+        else:
+            train_dl = make_loader(
+                built.data.train, plan.per_device, True, True, recipe.seed, balanced, workers
+            )
         valid = built.data.valid
         eval_batch = plan.eval_per_device
         valid_dl = make_loader(valid, eval_batch, False, False, workers=workers) if valid else None
@@ -175,7 +183,15 @@ class Trainer:
             built.data.encoder.save(self.run_dir)
         if t.strategy == "fsdp":  # model and optimizer stay ours: training/fsdp.py says why
             self.model, self.optimizer = built.model, built.optimizer
-            self.train_dl, self.scheduler = acc.prepare(train_dl, built.scheduler)
+            if streamed:
+                self.train_dl, self.scheduler = train_dl, acc.prepare(built.scheduler)
+            else:
+                self.train_dl, self.scheduler = acc.prepare(train_dl, built.scheduler)
+        elif streamed:
+            self.model, self.optimizer, self.scheduler = acc.prepare(
+                built.model, built.optimizer, built.scheduler
+            )
+            self.train_dl = train_dl
         else:
             self.model, self.optimizer, self.train_dl, self.scheduler = acc.prepare(
                 built.model, built.optimizer, train_dl, built.scheduler
@@ -452,7 +468,10 @@ class Trainer:
 
     def _batches(self, epoch: int, skip: int):
         """In-memory rows: whole batches sliced by the loader's own (sharded, seeded) batch
-        sampler; any other loader: accelerate's iteration, skipping what was trained."""
+        sampler; a stream: its own position; any other loader: accelerate's iteration,
+        skipping what was trained."""
+        if isinstance(self.train_dl, StreamLoader):
+            return self.train_dl.batches(skip)
         batches = fast_batches(self.train_dl, skip)
         if batches is not None:
             return batches

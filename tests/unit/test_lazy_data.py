@@ -151,7 +151,7 @@ def test_bad_lazy_sources_are_user_errors(tmp_path, source, mode, message):
         load_data(cfg, seed=0)
 
 
-def test_stream_mode_exits_2(tmp_path):
+def test_stream_mode_of_an_unstreamable_source_exits_2(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: s\ndata: {source: 'sklearn:iris', task: multiclass, mode: stream}\n"
@@ -159,7 +159,7 @@ def test_stream_mode_exits_2(tmp_path):
         "optimizer: {name: sgd, lr: 0.1}\ntrain: {epochs: 1, batch_size: 8}\n"
     )
     r = cli_here("check", str(recipe))
-    assert r.returncode == 2 and "data.mode stream: streaming data is not available" in r.stderr
+    assert r.returncode == 2 and "`sklearn:` sources are not streamed" in r.stderr
 
 
 class CountingSource:

@@ -1,0 +1,461 @@
+"""`data.mode: stream`: training rows read as a stream (`datasets`' streaming loader), for
+sources that cannot be indexed: a hub dataset (`data.streaming: true`) or local
+parquet/csv/json files read the same way.
+
+Exactness comes from one rule: every process (and every DataLoader worker) reads the same
+global stream in the same seeded order and keeps its share of it by position:
+
+* the global stream of epoch e: the source's shards in an order drawn from (seed, epoch), rows
+  through a seeded shuffle buffer of `data.shuffle_buffer` rows; rows whose label is not in
+  `data.classes` are dropped before anything counts them;
+* global row c goes to rank c % world (split by example, as `datasets.split_dataset_by_node`
+  does when there are fewer shards than ranks), so optimizer step s of micro-batch m trains on
+  the global rows [(s * accum + m) * per_device * world, ... + per_device * world) on ANY world
+  size: the same rows per step on 1 or N processes, exact mid-epoch resume on the same or a
+  different world size (the sample audit checks it);
+* the rank's micro-batch b is built by worker b % num_workers (each worker skips the others'
+  batches), so DataLoader's round-robin yields them in order: results do not depend on the
+  number of workers;
+* steps per epoch = rows // train.batch_size, fixed up front from the scan (below): every rank
+  gets at least steps * per_device rows (rows are dealt round-robin) and takes exactly that
+  many, so all ranks end the epoch together.
+
+The cost of that rule: every rank and worker reads (and shuffles) the whole stream and decodes
+only its share of the feature rows, so reading grows with ranks x workers. `lazy` reads each
+row once; use `stream` when the source cannot be indexed.
+
+Resume replays the position: the epoch's stream is re-read from its start and the rows already
+trained are skipped without building batches. (`datasets`' own `state_dict` skips by shard and
+offset, but drops the contents of the shuffle buffer on resume, so the rows after a resume
+would differ from an uninterrupted run.)
+
+Before training, each process scans the stream once in file order (no shuffle): the row count,
+the targets (one small column kept in memory, as on the lazy path: class list, class weights),
+the standardisation statistics (float64, merged per chunk) and two feature rows for probes.
+Validation is never streamed: `data.valid_source` is read map-style (memory or lazy), so every
+validation row counts exactly once on any number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dist_train.config.schema import DataConfig
+from dist_train.data.rows import Workers
+from dist_train.errors import UserError
+
+STREAM_KINDS = ("parquet", "csv", "json", "hub")
+CHUNK = 4096  # rows per Arrow batch read from the stream
+SHARD_BITS = 32  # row id = shard index << 32 | row offset inside the shard
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """Where the stream comes from: picklable (paths and names), opened in each process."""
+
+    kind: str
+    files: tuple[str, ...]  # local files; for hub: (dataset id,)
+    split: str
+    columns: tuple[str, ...]  # features, then the target
+
+    def open(self):
+        """The `datasets.IterableDataset` of the source (nothing read yet). A hub dataset and
+        local files go through the same streaming loader and the same code after it."""
+        return self.open_all().select_columns(list(self.columns))
+
+    def open_all(self):
+        """The stream with every column (the schema decides the features)."""
+        import datasets
+
+        datasets.disable_progress_bars()
+        if self.kind == "hub":
+            return datasets.load_dataset(self.files[0], split=self.split, streaming=True)
+        files = list(self.files)
+        return datasets.load_dataset(self.kind, data_files=files, split="train", streaming=True)
+
+    def shards(self, ds) -> list:
+        """One IterableDataset per shard of the source (files; the library's unit of split)."""
+        n = ds.num_shards
+        return [ds.shard(num_shards=n, index=i) for i in range(n)]
+
+
+def chunks(shard):
+    """Arrow tables of up to CHUNK rows of one shard, in file order."""
+    return shard.with_format("arrow").iter(batch_size=CHUNK)
+
+
+def check_stream(cfg: DataConfig) -> str:
+    """The source kind, after refusing what stream cannot do (exit 2 with the fix)."""
+    kind = cfg.source.partition(":")[0]
+    fix = "use data.mode lazy or memory"
+    if kind not in STREAM_KINDS:
+        raise UserError(
+            f"data.mode stream: `{kind}:` sources are not streamed (stream: "
+            f"{', '.join(STREAM_KINDS)}); {fix}."
+        )
+    if cfg.text is not None or cfg.task == "multilabel":
+        what = "data.text" if cfg.text is not None else "multilabel targets"
+        raise UserError(f"data.mode stream: {what} are read in memory; {fix}.")
+    if cfg.categorical or cfg.missing != "error" or cfg.test_source or cfg.test_fraction:
+        raise UserError(
+            "data.mode stream: data.categorical / data.missing / data.test_source / "
+            f"data.test_fraction are fitted and applied in memory (data/columns.py); {fix}."
+        )
+    if cfg.sampler == "balanced":
+        raise UserError(
+            "data.mode stream: data.sampler balanced needs random access to rows; use "
+            "data.sampler shuffle (and loss class weights), or data.mode lazy."
+        )
+    if cfg.augment is not None and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
+        raise UserError(
+            "data.mode stream: mixup/cutmix draw partner rows by row id from the whole split; "
+            f"set them to 0 or {fix}."
+        )
+    if not cfg.valid_source and "valid_fraction" in cfg.model_fields_set and cfg.valid_fraction:
+        raise UserError(
+            "data.mode stream: a stream has no random validation split (data.valid_fraction); "
+            "give data.valid_source (read map-style, every row counted once), or set "
+            "data.valid_fraction: 0."
+        )
+    return kind
+
+
+def stream_source(cfg: DataConfig, kind: str) -> StreamSource:
+    from pathlib import Path
+
+    loc = cfg.source.partition(":")[2]
+    if not loc:
+        raise UserError(f"data.source `{cfg.source}`: expected KIND:LOCATION.")
+    if kind == "parquet":
+        from dist_train.data.arrow import parquet_files
+
+        files = tuple(parquet_files(loc, "data.source"))
+    elif kind == "hub":
+        files = (loc,)
+    else:
+        if not Path(loc).is_file():
+            raise UserError(
+                f"data.source `{cfg.source}`: file {loc} not found; check the path "
+                "(relative paths are from the current directory)."
+            )
+        files = (loc,)
+    return StreamSource(kind, files, cfg.split, ())
+
+
+class Stats:
+    """Mean and unbiased std per feature over chunks: float64 sums merged per chunk (Chan)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: np.ndarray) -> None:
+        if len(x) == 0:
+            return
+        x = x.astype(np.float64)
+        n, cm = len(x), x.mean(0)
+        cm2 = ((x - cm) ** 2).sum(0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, cm, cm2
+            return
+        delta, total = cm - self.mean, self.count + n
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + cm2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def result(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        std = np.sqrt(self.m2 / max(self.count - 1, 1))
+        mean = torch.from_numpy(self.mean.astype(np.float32)).view(shape)
+        std = torch.from_numpy(std.astype(np.float32)).view(shape)
+        return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
+
+
+def features(table, feats: list[str], source: str, ids: np.ndarray) -> np.ndarray:
+    """float32 [rows, features] of one Arrow chunk; a missing value names its row id."""
+    x = np.empty((table.num_rows, len(feats)), dtype=np.float32)
+    for j, name in enumerate(feats):
+        x[:, j] = table.column(name).to_numpy(zero_copy_only=False)
+    bad = np.isnan(x)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise UserError(
+            f"data: feature `{feats[col]}` is missing/NaN in row {row_name(int(ids[row]))} of "
+            f"{source}; clean the file or drop the column from data.features."
+        )
+    return x
+
+
+def row_name(row_id: int) -> str:
+    return f"{row_id & ((1 << SHARD_BITS) - 1)} of shard {row_id >> SHARD_BITS}"
+
+
+@dataclass
+class StreamTable:
+    """The training split of a stream: targets in memory (scan order), features in the stream.
+    `len` and `y` serve the step count, class weights and probes, like a `LazyTable`."""
+
+    source: StreamSource
+    feats: list[str]
+    target: str
+    classes: list | None
+    cfg: DataConfig
+    y: torch.Tensor  # encoded targets of every kept row, in file order
+    first: torch.Tensor  # two feature rows (probes)
+    input_shape: tuple[int, ...]
+    num_shards: int
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def head(self, n: int) -> torch.Tensor:
+        return self.first[:n]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def encode(self, y_raw: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(targets of the kept rows, keep mask) of one chunk, as the memory path encodes."""
+        from dist_train.data.sources import encode_targets, numeric_target
+
+        if self.cfg.task == "regression":
+            y = numeric_target(y_raw, self.cfg).astype(np.float32)
+            return torch.from_numpy(y), np.ones(len(y_raw), dtype=bool)
+        _, y, keep = encode_targets(y_raw, self.cfg, None, self.classes)
+        return y, keep.numpy()
+
+
+def load_stream(cfg: DataConfig, seed: int, why: str):
+    """The stream bundle: one scan of the stream (rows, targets, statistics), the validation
+    source read map-style."""
+    from dist_train.data.lazy import default_workers
+    from dist_train.data.sources import DataBundle, column, encode_targets, load_table
+
+    kind = check_stream(cfg)
+    src = stream_source(cfg, kind)
+    raw = src.open_all()
+    names = list(raw.column_names or [])
+    if not names:  # a hub stream without declared features: read the first row's keys
+        names = list(next(iter(raw)).keys())
+    targets = [cfg.target]
+    feats = cfg.features or [c for c in names if c not in targets]
+    for name in [*feats, cfg.target]:
+        if name not in names:
+            column(_Names(names), name, cfg.source)  # the memory path's "did you mean" error
+    if cfg.shape and int(np.prod(cfg.shape)) != len(feats):
+        raise UserError(
+            f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
+            f"{len(feats)} features."
+        )
+    if cfg.standardize and cfg.shape and len(cfg.shape) == 3:
+        raise UserError(
+            "data.mode stream: per-channel statistics of image rows (data.shape [C, H, W]) are "
+            "not streamed; set data.standardize: false or use data.mode lazy."
+        )
+    src = StreamSource(src.kind, src.files, src.split, (*feats, cfg.target))
+    ds = src.open()
+    # Scan 1: the target column (classes need every label before any row is encoded).
+    y_parts = []
+    for shard in src.shards(ds.select_columns([cfg.target])):
+        for table in chunks(shard):
+            y_parts.append(column(table, cfg.target, cfg.source))
+    if not y_parts:
+        raise UserError(f"data.source `{cfg.source}`: no rows; add data rows.")
+    y_raw = np.concatenate(y_parts)
+    classes = None
+    if cfg.task != "regression":
+        classes, _, _ = encode_targets(y_raw, cfg, None)
+    shape = tuple(cfg.shape) if cfg.shape else (len(feats),)
+    table = StreamTable(
+        src, feats, cfg.target, classes, cfg, torch.zeros(0), torch.zeros(0), shape, ds.num_shards
+    )
+    table.y, _ = table.encode(y_raw)
+    if len(table.y) == 0:
+        raise UserError(f"data.source `{cfg.source}`: no rows of data.classes {cfg.classes}.")
+    # Scan 2 (features): statistics over the kept rows, the probe rows, NaN checks.
+    # Without standardisation only the first chunk of each shard is read (checks, probes).
+    stats, first = Stats(), None
+    for i, shard in enumerate(src.shards(ds)):
+        offset = 0
+        for chunk in chunks(shard):
+            ids = (i << SHARD_BITS) + offset + np.arange(chunk.num_rows)
+            offset += chunk.num_rows
+            _, keep = table.encode(column(chunk, cfg.target, cfg.source))
+            x = features(chunk, feats, cfg.source, ids)[keep]
+            if first is None and len(x):
+                first = torch.from_numpy(x[:2].copy())
+            if not cfg.standardize:
+                break
+            stats.add(x)
+    table.first = first.view(-1, *shape)
+    norm = stats.result(shape) if cfg.standardize else None
+    valid = None
+    vwhat = "none (stream: give data.valid_source)"
+    if cfg.valid_source:
+        vcfg = cfg.model_copy(update={"mode": "auto", "streaming": False})
+        valid, _ = load_table(cfg.valid_source, vcfg, classes, feats)
+        vwhat = f"{cfg.valid_source} ({'lazy' if hasattr(valid, 'ids') else 'memory'})"
+    bundle = DataBundle(table, valid, shape, classes, feats, norm)
+    workers = default_workers(cfg)
+    # Not persistent: each epoch's iterator sends the dataset (its epoch and skip) to the workers.
+    bundle.workers = Workers(
+        workers.num_workers, workers.pin_memory, False, workers.prefetch_factor
+    )
+    buffer = cfg.shuffle_buffer
+    bundle.plan = (
+        f"data: stream ({why}); {cfg.source}: {len(table)} rows in {ds.num_shards} shard(s), "
+        f"dealt to ranks by example (every rank and worker reads the whole stream), shuffle "
+        f"buffer {buffer} rows seeded by (seed, epoch); {bundle.workers.describe()}; resume: "
+        f"exact on any number of processes (the epoch's stream is re-read up to the position); "
+        f"validation: {vwhat}"
+    )
+    return bundle
+
+
+class _Names:
+    """Column names only: lets sources.column word a missing column as it does for files."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.column_names = names
+
+
+class StreamRows(torch.utils.data.IterableDataset):
+    """One rank's micro-batches of one epoch: (features, targets, global row ids), each of
+    `per_device` rows, `limit` of them, from micro-batch `skip` on (set before iterating)."""
+
+    def __init__(
+        self,
+        table: StreamTable,
+        per_device: int,
+        limit: int,
+        seed: int,
+        rank: int,
+        world: int,
+        buffer: int,
+    ) -> None:
+        self.table, self.per_device, self.limit = table, per_device, limit
+        self.seed, self.rank, self.world, self.buffer = seed, rank, world, buffer
+        self.epoch, self.skip = 0, 0
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.batches(worker, workers)
+
+    def batches(self, worker: int, workers: int):
+        """This worker's micro-batches b (b % workers == worker, b >= skip), in order."""
+        pd, rows, b = self.per_device, [], 0
+        for c, row in enumerate(self.global_rows()):
+            if c % self.world != self.rank:  # another rank's row (dealt round-robin)
+                continue
+            rows.append(row)
+            if len(rows) < pd:
+                continue
+            if b >= self.skip and b % workers == worker:
+                yield self._batch(rows)
+            rows, b = [], b + 1
+            if b >= self.limit:
+                return
+        raise RuntimeError(
+            f"rank {self.rank}: the stream ended after {b} of {self.limit} micro-batches in "
+            f"epoch {self.epoch}; the source changed since the scan counted {len(self.table)} "
+            "rows (restart the run)."
+        )
+
+    def global_rows(self):
+        """(row id, features, target) of the epoch's global stream, shuffled."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        ds = self.table.source.open()
+        shards = self.table.source.shards(ds)
+        order = rng.permutation(len(shards))
+        return _shuffled(self._rows(shards, order), rng, self.buffer)
+
+    def _rows(self, shards, order):
+        t, cfg = self.table, self.table.cfg
+        for i in order:
+            offset = 0
+            for chunk in chunks(shards[i]):
+                n = chunk.num_rows
+                y, keep = t.encode(column_of(chunk, t.target, cfg.source))
+                every = (int(i) << SHARD_BITS) + offset + np.arange(n)
+                offset += n
+                # Decoded per chunk (one vectorised copy per column): every reader decodes
+                # the chunk, each keeps its own rows.
+                x, ids = features(chunk, t.feats, cfg.source, every)[keep], every[keep]
+                for j in range(len(ids)):
+                    yield int(ids[j]), x[j], y[j]
+
+    def _batch(self, rows):
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+        x = torch.from_numpy(np.stack([r[1] for r in rows])).view(-1, *self.table.input_shape)
+        return x, torch.stack([r[2] for r in rows]), ids
+
+
+def column_of(chunk, name: str, source: str) -> np.ndarray:
+    from dist_train.data.sources import column
+
+    return column(chunk, name, source)
+
+
+def _shuffled(items, rng: np.random.Generator, size: int):
+    """A seeded shuffle buffer of `size` items (0/1: the stream order): the item drawn is
+    replaced by the next one; at the end the rest comes out in a drawn order."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list = []
+    draws = iter(())
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = next(draws, None)
+        if j is None:
+            draws = iter(rng.integers(0, size, size=1024).tolist())
+            j = next(draws)
+        yield buf[j]
+        buf[j] = item
+    for j in rng.permutation(len(buf)).tolist():
+        yield buf[j]
+
+
+class StreamLoader:
+    """The training loader of a stream: a DataLoader over `StreamRows` (workers build whole
+    micro-batches; batch_size None), not prepared by accelerate (its IterableDataset handling
+    would dispatch every batch from rank 0): this rank's rows are chosen by `StreamRows`."""
+
+    def __init__(self, rows: StreamRows, workers: Workers, device: torch.device) -> None:
+        self.dataset, self.device = rows, device
+        self.loader = torch.utils.data.DataLoader(rows, batch_size=None, **workers.loader_kwargs())
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def batches(self, skip: int):
+        """The epoch's micro-batches from `skip` on (resume: the stream is re-read from the
+        epoch's start, the skipped rows are passed over without building batches)."""
+        self.dataset.skip = skip
+        for batch in self.loader:
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+def stream_loader(table: StreamTable, per_device: int, limit: int, seed: int, acc, workers):
+    """This rank's loader: `limit` micro-batches of `per_device` rows per epoch."""
+    rows = StreamRows(
+        table,
+        per_device,
+        limit,
+        seed,
+        acc.process_index,
+        acc.num_processes,
+        table.cfg.shuffle_buffer,
+    )
+    return StreamLoader(rows, workers or Workers(), acc.device)
