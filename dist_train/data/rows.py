@@ -91,6 +91,22 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing terminates its daemonic children with SIGTERM, then
+    joins them without a timeout; DataLoader workers ignore SIGTERM (above), so a worker whose
+    loader is still alive then (a persistent pool, a half-read iterator in a notebook or test
+    process) would hang the exit forever. This runs first (atexit is last-in, first-out) and
+    kills them, which is what the SIGTERM was for."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_exit_hook: list[bool] = []  # kill_workers_at_exit registered in this process
+
+
 @dataclass(frozen=True)
 class Workers:
     """DataLoader worker settings of the lazy path (`data.num_workers` & co., resolved)."""
@@ -105,6 +121,11 @@ class Workers:
         (DataLoader refuses prefetch_factor / persistent_workers with num_workers 0)."""
         kwargs: dict = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if self.num_workers > 0:
+            if not _exit_hook:  # once per process, after multiprocessing's own exit hook
+                import atexit
+
+                atexit.register(kill_workers_at_exit)
+                _exit_hook.append(True)
             kwargs["persistent_workers"] = self.persistent_workers
             kwargs["prefetch_factor"] = self.prefetch_factor
             kwargs["worker_init_fn"] = ignore_stop_signals

@@ -38,3 +38,41 @@ def test_lazy_loader_gives_the_memory_loaders_batches_with_workers():
     assert len(got) == len(want) == 2
     for (gx, gy, gi), (wx, wy, wi) in zip(got, want, strict=True):
         assert torch.equal(gx, wx) and torch.equal(gy, wy) and torch.equal(gi, wi)
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from test_lazy_rows import ArraySource
+from dist_train.data.loaders import make_loader
+from dist_train.data.rows import LazyTable, Workers
+x = np.arange(60, dtype=np.float32).reshape(20, 3)
+table = LazyTable(ArraySource(x), np.arange(20), torch.arange(20))
+loader = make_loader(table, 4, True, True, workers=Workers(1, persistent_workers=True,
+                                                           prefetch_factor=2))
+it = iter(loader)
+next(it)  # a half-read iterator and its worker, alive at interpreter exit
+print("read one batch", flush=True)
+"""
+
+
+def test_a_live_worker_pool_does_not_hang_the_interpreter_exit(tmp_path):
+    """Workers ignore SIGTERM (stop signals are the training process's), so multiprocessing's
+    exit hook (SIGTERM, then join without a timeout) would wait forever for a worker whose
+    loader is still alive; rows.kill_workers_at_exit kills them first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_WITH_LIVE_WORKERS)
+    here = str(Path(__file__).resolve().parent)
+    root = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [sys.executable, str(script), here],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a hang is a TimeoutExpired here, not a stuck suite
+        env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"},
+    )
+    assert r.returncode == 0 and "read one batch" in r.stdout, r.stderr[-2000:]
