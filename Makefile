@@ -23,8 +23,8 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/dist-train train recipes/digits_cnn.yaml
 
-# Two pytest-xdist workers (TEST_WORKERS=0 for none) taking whole test files; the SLURM tests
-# stay together on one worker (tests/conftest.py). --durations lists the slowest.
+# Two pytest-xdist workers (TEST_WORKERS=0 for none) taking whole test files, for both loops;
+# the SLURM tests stay together on one worker (tests/conftest.py). --durations lists the slowest.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25
@@ -33,7 +33,7 @@ test: $(STAMP)
 # marker it lacks (tests/procs.py), instead of quietly slowing the loop down.
 FAST_MARKERS := not slow and not dist and not slurm
 test-fast: $(STAMP)
-	DIST_TRAIN_TEST_FAST=1 $(BIN)/python -m pytest -m "$(FAST_MARKERS)"
+	DIST_TRAIN_TEST_FAST=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) -m "$(FAST_MARKERS)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
