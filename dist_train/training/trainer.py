@@ -248,7 +248,8 @@ class Trainer:
             if self.mixer is not None:  # draws keyed on (seed, epoch, row): world-size invariant
                 x, y = self.mixer(x, y, idx, epoch)
             if recipe.data.augment:  # seeded per (step, micro-batch, rank): resumable
-                gen = augment_generator(recipe.seed, state.step, micro % accum, acc.process_index)
+                key = (recipe.seed, state.step, micro % accum, acc.process_index)
+                gen = augment_generator(*key, device=x.device)  # draws on the batch's device
                 x = augment_batch(x, recipe.data.augment, gen)
             boundary = (micro + 1) % accum == 0
             step_rows.append(idx)
