@@ -1,13 +1,39 @@
-"""Image folders (`root/<class>/<file>`) through datasets' imagefolder builder -> pixel arrays."""
+"""Image folders (`root/<class>/<file>`): one scan, then per-sample decode to uint8 [C, H, W].
+
+The scan (sorted file list, class from the first-level subfolder, a header check of every file)
+happens once. Decoding is `ImageFiles.fetch`, a row source: in DataLoader worker processes on
+the lazy path, and through the same function (in workers too) when the memory path decodes the
+whole folder up front, so both paths hold the very same bytes. Pixels stay uint8 until a batch
+reaches the model's device: `unit_float` (x / 255, float32) is applied there, in the model's
+input adapter (`Net.forward`) and, before them, wherever a batch is mixed or augmented.
+"""
 
 from __future__ import annotations
 
-import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from dist_train.config.schema import DataConfig
 from dist_train.errors import UserError
+
+# What Pillow decodes and people keep in image folders (matched case-insensitively).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# JPEG draft mode (DCT-domain downscaling by 1/2, 1/4, 1/8) when the stored image is at least
+# this many times the target size on both sides: decoding then reads a fraction of the data.
+DRAFT_FACTOR = 2
+
+
+def unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1] (x / 255, correctly rounded: the same values the
+    float32 division of numpy gives); anything else unchanged. Runs on the batch's device."""
+    if x.dtype != torch.uint8:
+        return x
+    return x.to(torch.float32) / 255
 
 
 class MemoryFrame:
@@ -22,36 +48,217 @@ class MemoryFrame:
         return self._columns[name]
 
 
-def load_imagefolder(root: str, cfg: DataConfig, source: str) -> MemoryFrame:
-    """Decode every image once (named in the error if unreadable) to float [C, H, W] in [0, 1]."""
-    from pathlib import Path
+@dataclass(frozen=True)
+class FolderScan:
+    root: str  # the folder the paths are relative to
+    files: tuple[str, ...]  # sorted by (class folder, path)
+    labels: np.ndarray  # class folder name per file (str); "0" for files in the root itself
+    size: tuple[int, int]  # (H, W) every image is decoded to
 
-    import datasets
+
+def scan_folder(root: str, cfg: DataConfig, source: str) -> FolderScan:
+    """Files and classes, deterministic on every machine; every file's header opened once.
+
+    The header check (`Image.open`: the first few hundred bytes, ~50 us a file) catches what is
+    not an image, empty files and cut-off headers before training; a body corrupted further in
+    costs a full decode to find, so it is met in a worker mid-epoch (`data.on_bad_sample`)."""
     from PIL import Image, UnidentifiedImageError
 
-    if not Path(root).is_dir():
+    base = Path(root)
+    if not base.is_dir():
         raise UserError(f"{source}: directory {root} not found.")
-    ds = datasets.load_dataset("imagefolder", data_dir=root, split=cfg.split)
-    names = ds.features["label"].names if "label" in ds.features else None
-    ds = ds.cast_column("image", datasets.Image(decode=False))
-    mode = "L" if cfg.channels == 1 else "RGB"
-    pixels, size = [], cfg.image_size
-    for item in ds["image"]:
-        where = item.get("path") or "an image"
+    if (base / cfg.split).is_dir() and any(p.is_dir() for p in (base / cfg.split).iterdir()):
+        base = base / cfg.split  # root/<split>/<class>/<file>, as datasets' imagefolder reads
+    files: list[str] = []
+    for dirpath, dirnames, names in os.walk(base):
+        dirnames.sort()  # walk order is the file system's: sorted for every machine alike
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                files.append(os.path.relpath(os.path.join(dirpath, name), base))
+    if not files:
+        raise UserError(
+            f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {base}; expected "
+            "one subfolder per class holding the images."
+        )
+    labels = np.asarray([Path(f).parts[0] if len(Path(f).parts) > 1 else "0" for f in files])
+    order = sorted(range(len(files)), key=lambda i: (labels[i], files[i]))
+    files, labels = [files[i] for i in order], labels[order]
+    bad, size = [], None
+    for rel in files:
         try:
-            img = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
-            img = img.convert(mode)
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(
-                f"{source}: cannot read image {where} ({err}); remove or replace the file."
-            ) from None
-        if size is None:
-            size = (img.height, img.width)
-        if (img.height, img.width) != tuple(size):
-            img = img.resize((size[1], size[0]))
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        pixels.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    labels = np.asarray(ds["label"]) if "label" in ds.column_names else np.zeros(len(pixels))
-    if names:
-        labels = np.asarray([names[i] for i in labels])
-    return MemoryFrame({"__image__": pixels, cfg.target: labels})
+            with Image.open(base / rel) as img:  # header only: no pixel data read
+                if size is None:
+                    size = (img.height, img.width)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            bad.append(f"{base / rel} ({err})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserError(
+            f"{source}: {len(bad)} unreadable image file(s): {'; '.join(bad[:3])}{more}. "
+            "Remove or replace them (found by a header check before training)."
+        )
+    size = tuple(cfg.image_size) if cfg.image_size is not None else size
+    return FolderScan(str(base), tuple(files), labels, size)
+
+
+class BadImage(UserError):
+    """A file that fails to decode mid-epoch under `data.on_bad_sample: error`. Raised inside a
+    DataLoader worker, it comes back wrapped in the worker's traceback text: the message keeps
+    only the original sentence, so the CLI prints a clean paragraph (exit 2)."""
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class ImageFiles:
+    """Row source over a scanned folder: `fetch(ids)` decodes those files to uint8
+    [n, C, H, W]. Holds only paths and settings, so it pickles cheaply into DataLoader workers.
+
+    `on_bad`: "error" raises `BadImage` naming the file; "skip" decodes instead the next file
+    of the same class in scan order (cyclically) that decodes: deterministic, independent of
+    workers and world size, the label unchanged and every batch still full; each occurrence is
+    logged to stderr with this process's running count."""
+
+    dtype = torch.uint8
+
+    def __init__(self, scan: FolderScan, channels: int, on_bad: str = "error") -> None:
+        self.scan, self.channels, self.on_bad = scan, channels, on_bad
+        self.mode = "L" if channels == 1 else "RGB"
+        self.skipped = 0  # bad files met by this process (each worker counts its own)
+
+    def __len__(self) -> int:
+        return len(self.scan.files)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.scan.size)
+
+    def path(self, row: int) -> str:
+        return os.path.join(self.scan.root, self.scan.files[row])
+
+    def fetch(self, ids) -> torch.Tensor:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = torch.empty((len(ids), *self.input_shape), dtype=torch.uint8)
+        for i, row in enumerate(ids.tolist()):
+            out[i] = torch.from_numpy(self._decode_row(row))
+        return out
+
+    def _decode_row(self, row: int) -> np.ndarray:
+        try:
+            return decode(self.path(row), self.mode, self.scan.size)
+        except (OSError, SyntaxError, ValueError) as err:  # Pillow's "broken data" errors
+            if self.on_bad == "error":
+                raise BadImage(
+                    f"cannot decode image {self.path(row)} ({err}); remove or replace the file, "
+                    "or set data.on_bad_sample: skip to train on a same-class substitute."
+                ) from None
+            return self._substitute(row, err)
+
+    def _substitute(self, row: int, err: Exception) -> np.ndarray:
+        labels, n = self.scan.labels, len(self)
+        for step in range(1, n):
+            other = (row + step) % n
+            if labels[other] != labels[row]:
+                continue
+            try:
+                arr = decode(self.path(other), self.mode, self.scan.size)
+            except (OSError, SyntaxError, ValueError):
+                continue
+            self.skipped += 1
+            print(
+                f"dist_train: data.on_bad_sample=skip: cannot decode {self.path(row)} ({err}); "
+                f"used {self.path(other)} (same class) instead [bad samples met by process "
+                f"{os.getpid()}: {self.skipped}]",
+                file=sys.stderr,
+                flush=True,
+            )
+            return arr
+        raise BadImage(
+            f"cannot decode image {self.path(row)} ({err}) and no other image of class "
+            f"`{labels[row]}` decodes; remove or replace the files."
+        )
+
+
+def decode(path: str, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One file -> uint8 [C, H, W]: JPEG draft mode when much larger than `size` (H, W), then
+    conversion to `mode` (L or RGB) and Pillow's default resize filter."""
+    from PIL import Image
+
+    h, w = size
+    with Image.open(path) as img:
+        large = img.width >= DRAFT_FACTOR * w and img.height >= DRAFT_FACTOR * h
+        if img.format == "JPEG" and large:
+            img.draft(mode, (w, h))  # decodes at the smallest 1/2^k scale still >= (w, h)
+        img = img.convert(mode)
+        if img.size != (w, h):
+            img = img.resize((w, h))
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def image_source(root: str, cfg: DataConfig, source: str) -> ImageFiles:
+    """The scanned folder as a row source (the lazy path's fetch, and the memory path's)."""
+    return ImageFiles(scan_folder(root, cfg, source), cfg.channels, _on_bad(cfg))
+
+
+def _on_bad(cfg: DataConfig) -> str:
+    return getattr(cfg, "on_bad_sample", "error")
+
+
+def decode_all(images: ImageFiles, workers: int, batch: int = 256) -> torch.Tensor:
+    """Every image, in scan order, decoded by `workers` DataLoader processes (0: this one)
+    through the same `fetch` the lazy path uses: the memory path's bytes equal the lazy path's."""
+    n = len(images)
+    chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+    loader = torch.utils.data.DataLoader(
+        _Chunks(images, chunks), batch_size=None, num_workers=workers, shuffle=False
+    )
+    out = torch.empty((n, *images.input_shape), dtype=torch.uint8)
+    for ids, x in loader:
+        out[ids] = x
+    return out
+
+
+class _Chunks(torch.utils.data.Dataset):
+    def __init__(self, images: ImageFiles, chunks: list[np.ndarray]) -> None:
+        self.images, self.chunks = images, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int):
+        ids = self.chunks[i]
+        return torch.from_numpy(ids), self.images.fetch(ids)
+
+
+def load_imagefolder(root: str, cfg: DataConfig, source: str, workers: int = 0) -> MemoryFrame:
+    """The memory path: the whole folder decoded once to uint8 [N, C, H, W] (a quarter of
+    float32's memory), labels by class folder name."""
+    images = image_source(root, cfg, source)
+    pixels = decode_all(images, workers)
+    return MemoryFrame({"__image__": pixels, cfg.target: images.scan.labels})
+
+
+def pixel_stats(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std of `unit_float` pixels from uint8 batches
+    [n, C, H, W], in one streaming pass: a 256-bin histogram per channel, so the result is exact
+    to float64 and independent of batch order, workers and world size. Returns [C, 1, 1]."""
+    counts = None
+    for x in batches:
+        c = x.shape[1]
+        flat = x.transpose(0, 1).reshape(c, -1).to(torch.int64)
+        offsets = (torch.arange(c) * 256).unsqueeze(1)
+        hist = torch.bincount((flat + offsets).reshape(-1), minlength=256 * c).view(c, 256)
+        counts = hist if counts is None else counts + hist
+    if counts is None:
+        raise UserError("data.standardize: the training split holds no images.")
+    values = (torch.arange(256, dtype=torch.float32) / 255).double()  # unit_float's values
+    n = counts.sum(1, keepdim=True).double()
+    mean = (counts * values).sum(1, keepdim=True) / n
+    var = (counts * (values - mean) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    std = var.sqrt().float()
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    return mean.float().unsqueeze(-1), std.unsqueeze(-1)

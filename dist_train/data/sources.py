@@ -120,7 +120,12 @@ def _tokens(frame, cfg: DataConfig, source: str | None = None) -> torch.Tensor:
 
 def _fit_standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Train-split statistics: per feature for tables, per channel for images (per-pixel
-    statistics would turn always-blank border pixels into huge values once images shift)."""
+    statistics would turn always-blank border pixels into huge values once images shift).
+    uint8 pixels: the statistics of their [0, 1] values, in chunks (data/images.py)."""
+    if x.dtype == torch.uint8:
+        from dist_train.data.images import pixel_stats
+
+        return pixel_stats(x[i : i + 4096] for i in range(0, len(x), 4096))
     dims = (0, 2, 3) if x.dim() == 4 else (0,)
     mean, std = x.mean(dims, keepdim=x.dim() == 4), x.std(dims, keepdim=x.dim() == 4)
     if x.dim() == 4:
@@ -170,7 +175,8 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
     if kind == "imagefolder":
         from dist_train.data.images import load_imagefolder
 
-        return load_imagefolder(loc, cfg, f"{key} `{source}`")
+        workers = getattr(cfg, "num_workers", None) or 0  # decoded in parallel, as lazily
+        return load_imagefolder(loc, cfg, f"{key} `{source}`", workers)
     if kind == "hub":
         import datasets
 
@@ -286,8 +292,8 @@ def _numeric(chunks) -> bool:
 
 
 def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
-    if "__image__" in frame.column_names:  # imagefolder: already a pixel array
-        return torch.as_tensor(np.stack(frame["__image__"]), dtype=torch.float32)
+    if "__image__" in frame.column_names:  # imagefolder: uint8 [N, C, H, W] (data/images.py)
+        return frame["__image__"]
     # Filled column by column: one float32 copy of the table at a time (peak memory).
     values = np.empty((frame.num_rows, len(names)), dtype=np.float32)
     for j, name in enumerate(names):

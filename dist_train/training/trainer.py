@@ -20,6 +20,7 @@ from dist_train.build import Supplied, build_components
 from dist_train.config.base import better, default_mode
 from dist_train.config.schema import Recipe
 from dist_train.data.augment import augment_batch, augment_generator
+from dist_train.data.images import unit_float
 from dist_train.data.loaders import fast_batches, make_loader
 from dist_train.data.mix import make_mixer
 from dist_train.errors import CollectiveFailure
@@ -245,6 +246,8 @@ class Trainer:
                 break  # tail shorter than one accumulation group: dropped (see drop_last)
             if self.audit is not None:
                 self.audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
+            if self.mixer is not None or recipe.data.augment:
+                x = unit_float(x)  # uint8 images: mixing/augmenting needs the [0, 1] floats
             if self.mixer is not None:  # draws keyed on (seed, epoch, row): world-size invariant
                 x, y = self.mixer(x, y, idx, epoch)
             if recipe.data.augment:  # seeded per (step, micro-batch, rank): resumable
