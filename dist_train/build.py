@@ -107,7 +107,7 @@ def build_components(
         apply_activation_checkpointing(model, recipe.train.fsdp.wrap)
     fsdp = recipe.train.strategy == "fsdp"
     if accelerator is not None and accelerator.num_processes > 1 and not fsdp:
-        configure_ddp(accelerator, model, data.train.x[:2], data.train.y[:2], head)
+        configure_ddp(accelerator, model, data.train.head(2), data.train.y[:2], head)
         if freezing is not None and freezing.scheduled:
             freezing.tell_ddp(accelerator)
     if accelerator is not None:
@@ -205,7 +205,7 @@ def build_net(
             (notes if notes is not None else []).extend(said)
         else:
             net = build_model(m.layers, m.module, m.init, data.input_shape, out, data.norm)
-    check_output(net, data.input_shape, out, recipe, data.train.x.dtype)
+    check_output(net, data.input_shape, out, recipe, data.train.dtype)
     return net
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from dist_train.data.balance import BalancedSampler
+from dist_train.data.rows import LazyRows, LazyTable, Workers
 from dist_train.data.sources import Table
 
 
@@ -121,24 +122,32 @@ def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 
 def make_loader(
-    table: Table,
+    table: Table | LazyTable,
     batch_size: int,
     shuffle: bool,
     drop_last: bool,
     seed: int = 0,
     balanced: bool = False,
+    workers: Workers | None = None,
 ):
     """`balanced` (training, `data.sampler: balanced`): rows drawn by `BalancedSampler`, which
-    accelerate shards like the seedable shuffle (a sampler it does not replace)."""
+    accelerate shards like the seedable shuffle (a sampler it does not replace).
+
+    A `LazyTable` gets the same sampler, generator and batching over `LazyRows`: the DataLoader
+    hands each worker one batch's index list and the worker fetches it with `__getitems__`, so
+    the rows and their order are those of the memory path; `workers` sets the worker pool."""
     sampler = BalancedSampler(table.y, seed) if balanced else None
+    lazy = isinstance(table, LazyTable)
+    extra = (workers or Workers()).loader_kwargs() if lazy else {}
     # An own generator: DataLoader otherwise draws its worker base seed from the GLOBAL RNG
     # each time an epoch's iterator is created, shifting dropout masks after a mid-epoch resume.
     return torch.utils.data.DataLoader(
-        TensorRows(table),
+        LazyRows(table) if lazy else TensorRows(table),
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         drop_last=drop_last,
         collate_fn=whole_batch,
         generator=torch.Generator().manual_seed(seed),
+        **extra,
     )

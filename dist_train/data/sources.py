@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dist_train.config.schema import DataConfig
+from dist_train.data.rows import LazyTable
 from dist_train.errors import UserError
 from dist_train.numbers import parses_as_number
 
@@ -27,11 +28,22 @@ class Table:
     x: torch.Tensor  # float32 [N, *input_shape]
     y: torch.Tensor  # int64 [N] (classes), [N, L] 0/1 (multilabel), float32 [N] (regression)
 
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def head(self, n: int) -> torch.Tensor:
+        """Features of the first `n` rows (probes; a `rows.LazyTable` fetches them instead)."""
+        return self.x[:n]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
 
 @dataclass
 class DataBundle:
-    train: Table
-    valid: Table | None
+    train: Table | LazyTable  # LazyTable: data.mode lazy (data/rows.py)
+    valid: Table | LazyTable | None
     input_shape: tuple[int, ...]
     classes: list | None  # label of each class index; None for regression
     feature_names: list[str] = field(default_factory=list)

@@ -223,7 +223,7 @@ def build_backbone_net(cfg, data, out: int, accelerator=None):
     norm = Standardize(*data.norm) if data.norm is not None else None
     net = Net(nn.Sequential(), norm, backbone, inputs, where)
     if cfg.layers:
-        probe = torch.zeros(2, *data.input_shape, dtype=data.train.x.dtype)
+        probe = torch.zeros(2, *data.input_shape, dtype=data.train.dtype)
         net.eval()
         try:
             with torch.no_grad():

@@ -40,6 +40,6 @@ def summary(path: str, overrides: list[str]) -> str:
     # Layer lists and backbones: a row per layer / backbone part (a model.module is one module
     # of the user's, whose children need not run in sequence: its groups below say enough).
     if isinstance(model, Net) and (model.has_backbone or isinstance(model.layers, nn.Sequential)):
-        parts.append(format_summary(model, built.data.input_shape, built.data.train.x.dtype))
+        parts.append(format_summary(model, built.data.input_shape, built.data.train.dtype))
     parts += ["", "parameters by group:", format_groups(model), *built.notes]
     return "\n".join(parts)

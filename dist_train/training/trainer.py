@@ -155,7 +155,7 @@ class Trainer:
         # A model the layer list does not describe is counted (FlopCounterMode) only when a
         # known peak makes `mfu` computable.
         self.peak_tflops = peak_tflops(acc.device, t.peak_tflops)
-        example = built.data.train.x[:2].to(acc.device)
+        example = built.data.train.head(2).to(acc.device)
         self.flops_per_sample = train_flops_per_sample(
             built.model, example, counter=self.peak_tflops is not None
         )

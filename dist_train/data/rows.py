@@ -1,0 +1,104 @@
+"""Lazy tables: rows fetched from their files when a batch asks for them, not loaded up front.
+
+The memory path (`sources.Table`: two tensors) and the lazy path share everything that decides
+*which* rows a step trains on: the split, the targets and the seedable per-epoch permutation.
+Only the fetch differs. A `LazyTable` keeps the targets of its split in memory (one small
+column: class weights, the balanced sampler and the class list work unchanged) and the source
+row ids of its rows; `LazyRows.__getitems__` fetches one whole batch of features from the
+`RowSource`, inside a DataLoader worker when `data.num_workers > 0`.
+
+A `RowSource` is pickled into every worker process, so it holds only paths and column names
+and opens its files (memory maps, Arrow datasets) lazily, once per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """Random access to the feature rows of one source, by source row id (map-style).
+
+    `fetch(ids)` returns the features of those rows, in that order, as one tensor
+    [len(ids), *input_shape] of `dtype` (float32 for tables; uint8 CHW for decoded images,
+    converted on the device). Must be picklable without open file handles."""
+
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __len__(self) -> int: ...
+
+    def fetch(self, ids: np.ndarray) -> torch.Tensor: ...
+
+
+@dataclass
+class LazyTable:
+    """One split of a lazy source: source row ids (after the split and any class filter) and
+    their targets, in memory; features come from `source` on demand."""
+
+    source: RowSource
+    ids: np.ndarray  # int64 [N]: source row id of split row i
+    y: torch.Tensor  # as sources.Table.y, for the same N rows
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def head(self, n: int) -> torch.Tensor:
+        """Features of the first `n` rows (probes: DDP's unused-parameter check, FLOPs)."""
+        return self.source.fetch(self.ids[:n])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.source.dtype
+
+
+class LazyRows(torch.utils.data.Dataset):
+    """`__getitems__` fetches a whole batch from the source: (features, targets, row indices),
+    exactly what `loaders.TensorRows` returns, so the trainer, the sample audit and predict's
+    input order are the same on both paths (indices are split-local row numbers)."""
+
+    def __init__(self, table: LazyTable) -> None:
+        self.source, self.ids, self.y = table.source, table.ids, table.y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.source.fetch(self.ids[i : i + 1])[0], self.y[i], torch.tensor(i)
+
+    def __getitems__(self, indices) -> tuple[torch.Tensor, ...]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.source.fetch(self.ids[idx.numpy()]), self.y[idx], idx
+
+
+@dataclass(frozen=True)
+class Workers:
+    """DataLoader worker settings of the lazy path (`data.num_workers` & co., resolved)."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+
+    def loader_kwargs(self) -> dict:
+        """DataLoader keyword arguments; the worker-only ones only when there are workers
+        (DataLoader refuses prefetch_factor / persistent_workers with num_workers 0)."""
+        kwargs: dict = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        return kwargs
+
+    def describe(self) -> str:
+        if self.num_workers == 0:
+            return "0 workers (fetch in the training process)"
+        return (
+            f"{self.num_workers} workers/process, prefetch {self.prefetch_factor}, "
+            f"pin_memory {'on' if self.pin_memory else 'off'}, "
+            f"persistent {'on' if self.persistent_workers else 'off'}"
+        )
