@@ -160,6 +160,12 @@ class DataConfig(Strict):
     )
     image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W]")
     channels: Literal[1, 3] = Field(3, description="imagefolder: 1 = grayscale, 3 = RGB")
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error",
+        description="imagefolder: a file that fails to decode mid-epoch: `error` stops naming "
+        "it (exit 2); `skip` decodes the next image of its class instead, logged and counted "
+        "(unreadable headers are refused before training either way)",
+    )
     eval_batch_size: int | None = Field(
         None, ge=1, description="global eval batch (default: train)"
     )

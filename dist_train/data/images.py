@@ -94,8 +94,8 @@ def scan_folder(root: str, cfg: DataConfig, source: str) -> FolderScan:
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise UserError(
-            f"{source}: {len(bad)} unreadable image file(s): {'; '.join(bad[:3])}{more}. "
-            "Remove or replace them (found by a header check before training)."
+            f"{source}: {len(bad)} unreadable image file(s): {'; '.join(bad[:3])}{more}; "
+            "remove or replace them (found by a header check of every file before training)."
         )
     size = tuple(cfg.image_size) if cfg.image_size is not None else size
     return FolderScan(str(base), tuple(files), labels, size)
@@ -142,8 +142,9 @@ class ImageFiles:
     def fetch(self, ids) -> torch.Tensor:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         out = torch.empty((len(ids), *self.input_shape), dtype=torch.uint8)
+        buf = out.numpy()  # filled in place: one copy per image, from Pillow's array
         for i, row in enumerate(ids.tolist()):
-            out[i] = torch.from_numpy(self._decode_row(row))
+            buf[i] = self._decode_row(row)
         return out
 
     def _decode_row(self, row: int) -> np.ndarray:
@@ -201,25 +202,27 @@ def decode(path: str, mode: str, size: tuple[int, int]) -> np.ndarray:
 
 def image_source(root: str, cfg: DataConfig, source: str) -> ImageFiles:
     """The scanned folder as a row source (the lazy path's fetch, and the memory path's)."""
-    return ImageFiles(scan_folder(root, cfg, source), cfg.channels, _on_bad(cfg))
-
-
-def _on_bad(cfg: DataConfig) -> str:
-    return getattr(cfg, "on_bad_sample", "error")
+    return ImageFiles(scan_folder(root, cfg, source), cfg.channels, cfg.on_bad_sample)
 
 
 def decode_all(images: ImageFiles, workers: int, batch: int = 256) -> torch.Tensor:
     """Every image, in scan order, decoded by `workers` DataLoader processes (0: this one)
     through the same `fetch` the lazy path uses: the memory path's bytes equal the lazy path's."""
     n = len(images)
-    chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+    out = torch.empty((n, *images.input_shape), dtype=torch.uint8)
+    for ids, x in _decoded(images, np.arange(n), workers, batch):
+        out[ids] = x
+    return out
+
+
+def _decoded(images: ImageFiles, rows: np.ndarray, workers: int, batch: int = 256):
+    """(row ids, uint8 images) of `rows` in chunks of `batch`, decoded by `workers` DataLoader
+    processes (0: this one), in order."""
+    chunks = [rows[s : s + batch] for s in range(0, len(rows), batch)]
     loader = torch.utils.data.DataLoader(
         _Chunks(images, chunks), batch_size=None, num_workers=workers, shuffle=False
     )
-    out = torch.empty((n, *images.input_shape), dtype=torch.uint8)
-    for ids, x in loader:
-        out[ids] = x
-    return out
+    yield from loader
 
 
 class _Chunks(torch.utils.data.Dataset):
@@ -262,3 +265,48 @@ def pixel_stats(batches) -> tuple[torch.Tensor, torch.Tensor]:
     std = var.sqrt().float()
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return mean.float().unsqueeze(-1), std.unsqueeze(-1)
+
+
+def lazy_images(cfg: DataConfig, seed: int):
+    """The lazy path of an image folder: a `DataBundle` of `LazyTable`s over the scanned files.
+
+    Labels, the class filter, the split and the statistics are decided exactly as on the memory
+    path (the same functions, on the same scan order), so a step fetches the very rows the
+    memory path would slice; only the decoding moves into the DataLoader's workers."""
+    from dist_train.data.rows import LazyTable
+    from dist_train.data.sources import DataBundle, Table, _encode_targets, _split
+
+    images = image_source(cfg.source.partition(":")[2], cfg, "data.source")
+    valid = None
+    if cfg.valid_source:
+        kind, _, loc = cfg.valid_source.partition(":")
+        if kind != "imagefolder":
+            raise UserError(
+                f"data.valid_source `{cfg.valid_source}`: with an image folder as data.source "
+                "on data.mode lazy, the validation data must be an image folder too."
+            )
+        valid = image_source(loc, cfg, "data.valid_source")
+        if valid.input_shape != images.input_shape:
+            raise UserError(
+                f"data.valid_source: its images decode to {valid.input_shape}, the training "
+                f"images to {images.input_shape}; set data.image_size to give both one size."
+            )
+    extra = valid.scan.labels if valid is not None else None
+    classes, y_all, keep = _encode_targets(images.scan.labels, cfg, extra)
+    ids = torch.from_numpy(np.flatnonzero(keep.numpy()))  # the rows the class filter keeps
+    if valid is not None:
+        _, vy, vkeep = _encode_targets(valid.scan.labels, cfg, None, classes)
+        train = Table(ids, y_all)
+        vtab = Table(torch.from_numpy(np.flatnonzero(vkeep.numpy())), vy)
+    else:  # the memory path's split, drawn over the same rows: x holds their source ids
+        split_seed = seed if cfg.split_seed is None else cfg.split_seed
+        train, vtab = _split(Table(ids, y_all), cfg.valid_fraction, split_seed)
+    lazy_train = LazyTable(images, train.x.numpy(), train.y)
+    lazy_valid = None
+    if vtab is not None:
+        lazy_valid = LazyTable(valid if valid is not None else images, vtab.x.numpy(), vtab.y)
+    norm = None
+    if cfg.standardize:  # one streaming pass over the training split's files
+        workers = getattr(cfg, "num_workers", None) or 0
+        norm = pixel_stats(x for _, x in _decoded(images, lazy_train.ids, workers))
+    return DataBundle(lazy_train, lazy_valid, images.input_shape, classes, [], norm)

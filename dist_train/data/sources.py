@@ -59,6 +59,10 @@ class DataBundle:
 def load_data(cfg: DataConfig, seed: int, frames: tuple | None = None) -> DataBundle:
     """Load, encode, split and (optionally) standardise; identical on every rank. `frames`:
     (train, valid or None) tables already in memory (dist_train.fit's data, data/python.py)."""
+    if not frames and cfg.source.startswith("imagefolder:") and getattr(cfg, "mode", "") == "lazy":
+        from dist_train.data.images import lazy_images
+
+        return lazy_images(cfg, seed)  # decoded per batch in DataLoader workers
     frame = frames[0] if frames else load_source(cfg.source, cfg)
     if cfg.text is not None:  # token rows instead of float features
         return _with_text(frame, cfg, seed, frames)
