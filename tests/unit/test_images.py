@@ -4,7 +4,6 @@ mid-epoch, `data.on_bad_sample`)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
