@@ -191,6 +191,43 @@ class DataConfig(Strict):
         None, description="tokenizer directory or hub id (default: model.hf.pretrained)"
     )
     max_length: int = Field(128, ge=2, description="text: truncate to this many tokens")
+    mode: Literal["auto", "memory", "lazy", "stream"] = Field(
+        "auto",
+        description="memory: every row as tensors (fastest); lazy: rows fetched per batch from "
+        "parquet/disk/csv/json (csv/json via an Arrow cache); auto: memory when the estimated "
+        "float32 table fits data.memory_budget_gb; stream: not available yet",
+    )
+    memory_budget_gb: float = Field(
+        8.0,
+        gt=0,
+        description="auto: largest estimated table (rows x features x 4 bytes) loaded into "
+        "memory per process; also capped at 25% of RAM / processes on the node",
+    )
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="lazy: DataLoader worker processes per training process (default: cores "
+        "per process - 1, at most 8; 0 with 1 core per process)",
+    )
+    pin_memory: bool | None = Field(
+        None, description="lazy: page-locked batches (default: on with a CUDA device)"
+    )
+    persistent_workers: bool = Field(True, description="lazy: keep workers across epochs")
+    prefetch_factor: int = Field(2, ge=1, description="lazy: batches in flight per worker")
+    cache_dir: str | None = Field(
+        None,
+        description="lazy: directory of the Arrow cache of csv/json sources "
+        "(default: $XDG_CACHE_HOME/dist_train or ~/.cache/dist_train)",
+    )
+
+    @model_validator(mode="after")
+    def _stream(self) -> DataConfig:
+        if self.mode == "stream":
+            raise ValueError(
+                "data.mode stream: streaming data is not available yet; use `lazy` (parquet "
+                "files/shard directories, disk:, csv/json through an Arrow cache) or `auto`"
+            )
+        return self
 
     @model_validator(mode="after")
     def _text(self) -> DataConfig:

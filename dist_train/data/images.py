@@ -267,7 +267,34 @@ def pixel_stats(batches) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float().unsqueeze(-1), std.unsqueeze(-1)
 
 
-def lazy_images(cfg: DataConfig, seed: int):
+def folder_bytes(root: str, cfg: DataConfig) -> float:
+    """What the memory path would hold: files x C x H x W bytes (uint8), from a walk of the
+    folder and the first file's header (data.mode auto)."""
+    from PIL import Image
+
+    base = Path(root)
+    if (base / cfg.split).is_dir():
+        base = base / cfg.split
+    count, first = 0, None
+    for dirpath, _, names in os.walk(base):
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                count += 1
+                first = first or os.path.join(dirpath, name)
+    if cfg.image_size is not None:
+        h, w = cfg.image_size
+    elif first is not None:
+        try:
+            with Image.open(first) as img:
+                w, h = img.size
+        except (OSError, SyntaxError, ValueError):  # the scan names the file later
+            h = w = 0
+    else:
+        h = w = 0
+    return float(count * cfg.channels * h * w)
+
+
+def lazy_images(cfg: DataConfig, seed: int, workers: int = 0):
     """The lazy path of an image folder: a `DataBundle` of `LazyTable`s over the scanned files.
 
     Labels, the class filter, the split and the statistics are decided exactly as on the memory
@@ -307,6 +334,5 @@ def lazy_images(cfg: DataConfig, seed: int):
         lazy_valid = LazyTable(valid if valid is not None else images, vtab.x.numpy(), vtab.y)
     norm = None
     if cfg.standardize:  # one streaming pass over the training split's files
-        workers = getattr(cfg, "num_workers", None) or 0
         norm = pixel_stats(x for _, x in _decoded(images, lazy_train.ids, workers))
     return DataBundle(lazy_train, lazy_valid, images.input_shape, classes, [], norm)

@@ -105,6 +105,10 @@ class Mixer:
 
     def _partner_rows(self, partner: torch.Tensor, device: torch.device):
         src = self.rows
+        if hasattr(src, "source"):  # a lazy table (data/rows.py): fetch the partners' rows
+            partner = partner.cpu()
+            xp = src.source.fetch(src.ids[partner.numpy()])
+            return unit_float(xp.to(device, non_blocking=True)), src.y[partner].to(device)
         if partner.device != src.x.device:  # rows kept on the host, batch on an accelerator
             partner = partner.to(src.x.device)
         # uint8 image rows: the same [0, 1] floats as the batch they are mixed into
@@ -113,7 +117,7 @@ class Mixer:
     def tables(self, epoch: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-row draws of one epoch, from (seed, epoch) only; rebuilt when the epoch changes."""
         if self._epoch != epoch or next(iter(self._tables.values())).device != device:
-            shape = tuple(self.rows.x.shape[1:])
+            shape = tuple(self.rows[0][0].shape)
             draws = epoch_draws(self.cfg, self.seed, epoch, len(self.rows), shape)
             self._tables = {k: torch.from_numpy(v).to(device) for k, v in draws.items()}
             self._epoch = epoch

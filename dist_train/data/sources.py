@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dist_train.config.schema import DataConfig
-from dist_train.data.rows import LazyTable
+from dist_train.data.rows import LazyTable, Workers
 from dist_train.errors import UserError
 from dist_train.numbers import parses_as_number
 
@@ -50,6 +50,8 @@ class DataBundle:
     norm: tuple[torch.Tensor, torch.Tensor] | None = None
     input_names: list[str] | None = None  # data.text: names of the K token rows (data/text.py)
     right_padded: bool = True  # data.text: the tokenizer pads on the right
+    workers: Workers | None = None  # lazy: the DataLoader worker pool (None: no workers)
+    plan: str = ""  # the plan's data line: which path (data.mode) and why
 
     @property
     def num_classes(self) -> int:
@@ -59,10 +61,19 @@ class DataBundle:
 def load_data(cfg: DataConfig, seed: int, frames: tuple | None = None) -> DataBundle:
     """Load, encode, split and (optionally) standardise; identical on every rank. `frames`:
     (train, valid or None) tables already in memory (dist_train.fit's data, data/python.py)."""
-    if not frames and cfg.source.startswith("imagefolder:") and getattr(cfg, "mode", "") == "lazy":
-        from dist_train.data.images import lazy_images
+    if not frames:
+        from dist_train.data.lazy import choose_mode, load_lazy
 
-        return lazy_images(cfg, seed)  # decoded per batch in DataLoader workers
+        mode = choose_mode(cfg)
+        if mode.mode == "lazy":
+            return load_lazy(cfg, seed, mode.why)
+        bundle = _load_memory(cfg, seed, None)
+        bundle.plan = f"data: memory ({mode.why})"
+        return bundle
+    return _load_memory(cfg, seed, frames)
+
+
+def _load_memory(cfg: DataConfig, seed: int, frames: tuple | None) -> DataBundle:
     frame = frames[0] if frames else load_source(cfg.source, cfg)
     if cfg.text is not None:  # token rows instead of float features
         return _with_text(frame, cfg, seed, frames)
@@ -166,6 +177,13 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
             f"{key} `{source}`: python: data comes only from dist_train.fit(train_data=...); "
             "in a recipe file use csv:, parquet:, json:, disk:, imagefolder:, hub: or sklearn:."
         )
+    if kind == "parquet" and not Path(loc).is_file():  # a directory of shards or a glob
+        from dist_train.data.arrow import parquet_files, read_parquet
+
+        table = read_parquet(parquet_files(loc, key))
+        if table.num_rows == 0:
+            raise UserError(f"{key} `{source}`: {loc} has no rows; add data rows or fix {key}.")
+        return table
     if kind in FILE_KINDS:
         if not Path(loc).is_file():
             raise UserError(
@@ -190,8 +208,9 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
         return _from_disk(loc, cfg.split, f"{key} `{source}`")
     if kind == "imagefolder":
         from dist_train.data.images import load_imagefolder
+        from dist_train.data.lazy import default_workers
 
-        workers = getattr(cfg, "num_workers", None) or 0  # decoded in parallel, as lazily
+        workers = default_workers(cfg).num_workers  # decoded in parallel, as lazily
         return load_imagefolder(loc, cfg, f"{key} `{source}`", workers)
     if kind == "hub":
         import datasets
@@ -211,14 +230,9 @@ def _read_file(kind: str, loc: str):
         # A local parquet file is already arrow: pyarrow (the reader `datasets` itself uses for
         # it) gives the same table directly, without importing `datasets` (~0.9 s before the
         # first step) or writing a second copy into its cache.
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        from dist_train.data.arrow import read_parquet
 
-        table = pq.read_table(loc)
-        # Decoding buffers are freed but kept by arrow's allocator: hand them back to the OS
-        # (~50 MiB per 25 MiB of table here) rather than carry them all run.
-        pa.default_memory_pool().release_unused()
-        return table
+        return read_parquet([loc])
     import datasets
 
     datasets.disable_progress_bars()
@@ -424,13 +438,20 @@ def _numeric_target(y: np.ndarray, cfg: DataConfig) -> np.ndarray:
 
 
 def _split(table: Table, fraction: float, seed: int) -> tuple[Table, Table | None]:
-    if fraction == 0:
+    t, v = split_order(len(table.y), fraction, seed)
+    if v is None:
         return table, None
-    n = len(table.y)
+    return Table(table.x[t], table.y[t]), Table(table.x[v], table.y[v])
+
+
+def split_order(n: int, fraction: float, seed: int):
+    """(train rows, valid rows or None) of a seeded split of n rows: one permutation shared by
+    the memory and the lazy path (data/lazy.py), so both hold the same rows in the same order."""
+    if fraction == 0:
+        return torch.arange(n), None
     n_valid = max(1, round(n * fraction))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    v, t = perm[:n_valid], perm[n_valid:]
-    return Table(table.x[t], table.y[t]), Table(table.x[v], table.y[v])
+    return perm[n_valid:], perm[:n_valid]
 
 
 def load_table(

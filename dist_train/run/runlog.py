@@ -106,6 +106,7 @@ def plan_text(info: dict, run_dir: Path) -> str:
         f"  parameters {info['trainable_params']:,} trainable, {info['frozen_params']:,} frozen"
         + flops_text(info.get("train_flops_per_sample"), info.get("peak_tflops"))
         + bytes_text(info.get("strategy"), info.get("per_rank_bytes"))
+        + (f"\n  {info['data']}" if info.get("data") else "")
     )
 
 

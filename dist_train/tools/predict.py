@@ -42,7 +42,9 @@ def _setup(args, require_target: bool):
             "eval: the recipe has no validation split (data.valid_fraction is 0); pass --data FILE."
         )
     batch = eval_per_device(recipe, accelerator.num_processes)
-    loader = accelerator.prepare(make_loader(table, batch, shuffle=False, drop_last=False))
+    workers = data.workers  # lazy tables: fetched by the same worker pool as in training
+    loader = make_loader(table, batch, shuffle=False, drop_last=False, workers=workers)
+    loader = accelerator.prepare(loader)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     return recipe, data, head, model, loader, accelerator, table, has_target
 

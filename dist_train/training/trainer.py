@@ -160,9 +160,13 @@ class Trainer:
             built.model, example, counter=self.peak_tflops is not None
         )
         balanced = recipe.data.sampler == "balanced"
-        train_dl = make_loader(built.data.train, plan.per_device, True, True, recipe.seed, balanced)
+        workers = built.data.workers  # lazy tables: the DataLoader worker pool
+        train_dl = make_loader(
+            built.data.train, plan.per_device, True, True, recipe.seed, balanced, workers
+        )
         valid = built.data.valid
-        valid_dl = make_loader(valid, plan.eval_per_device, False, False) if valid else None
+        eval_batch = plan.eval_per_device
+        valid_dl = make_loader(valid, eval_batch, False, False, workers=workers) if valid else None
         # Collective: built fine, so now (and only now) the directory may be cleared/created.
         materialize_run_dir(acc, self.run, recipe)
         if t.strategy == "fsdp":  # model and optimizer stay ours: training/fsdp.py says why
@@ -184,6 +188,7 @@ class Trainer:
         info = run_info(acc, recipe, plan, self.total, self.per_epoch, self.model)
         info |= {"train_flops_per_sample": self.flops_per_sample, "peak_tflops": self.peak_tflops}
         info |= {"strategy": t.strategy, "per_rank_bytes": rank_bytes(self.model, self._opt())}
+        info |= {"data": self.data.plan}
         self.log = open_log(acc, self.run, recipe, self.state, info, built.notes)
         if acc.is_main_process:
             save_report(self.run_dir, built.load_report)  # finetune.from: what loaded
