@@ -125,9 +125,15 @@ class ImageFiles:
     dtype = torch.uint8
 
     def __init__(self, scan: FolderScan, channels: int, on_bad: str = "error") -> None:
+        import multiprocessing
+
         self.scan, self.channels, self.on_bad = scan, channels, on_bad
         self.mode = "L" if channels == 1 else "RGB"
-        self.skipped = 0  # bad files met by this process (each worker counts its own)
+        self.skipped = 0  # substitutions made by this process (a worker counts its own)
+        # ... and by this process and all its DataLoader workers together: shared memory the
+        # workers inherit, read by the training process at each epoch end (`bad_sample_note`)
+        self.substituted = multiprocessing.get_context().Value("q", 0)
+        self._reported = 0
 
     def __len__(self) -> int:
         return len(self.scan.files)
@@ -169,6 +175,8 @@ class ImageFiles:
             except (OSError, SyntaxError, ValueError):
                 continue
             self.skipped += 1
+            with self.substituted.get_lock():
+                self.substituted.value += 1
             print(
                 f"dist_train: data.on_bad_sample=skip: cannot decode {self.path(row)} ({err}); "
                 f"used {self.path(other)} (same class) instead [bad samples met by process "
@@ -181,6 +189,22 @@ class ImageFiles:
             f"cannot decode image {self.path(row)} ({err}) and no other image of class "
             f"`{labels[row]}` decodes; remove or replace the files."
         )
+
+
+def bad_sample_note(dataset) -> str | None:
+    """A line saying how many bad files this process's loader substituted since the last call
+    (`data.on_bad_sample: skip`), or None: never silently."""
+    images = getattr(dataset, "source", None)
+    if not isinstance(images, ImageFiles):
+        return None
+    total = images.substituted.value
+    new, images._reported = total - images._reported, total
+    if not new:
+        return None
+    return (
+        f"data.on_bad_sample=skip: {new} undecodable image(s) replaced by the next image of "
+        f"their class this epoch ({total} so far in this process; the files are named above)"
+    )
 
 
 def decode(path: str, mode: str, size: tuple[int, int]) -> np.ndarray:

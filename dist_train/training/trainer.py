@@ -9,6 +9,7 @@ broadcast (`from_main`) or agreed (`agree_any`).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -20,7 +21,7 @@ from dist_train.build import Supplied, build_components
 from dist_train.config.base import better, default_mode
 from dist_train.config.schema import Recipe
 from dist_train.data.augment import augment_batch, augment_generator
-from dist_train.data.images import unit_float
+from dist_train.data.images import bad_sample_note, unit_float
 from dist_train.data.loaders import fast_batches, make_loader
 from dist_train.data.mix import make_mixer
 from dist_train.errors import CollectiveFailure
@@ -216,6 +217,10 @@ class Trainer:
                 self.log.event("unfreeze", epoch=epoch, step=state.step, params=len(opened))
                 self.log.info(f"epoch {epoch + 1}: unfroze {len(opened)} tensors ({opened[0]} ...)")
             stop = self.run_epoch(epoch)
+            note = bad_sample_note(self.train_dl.dataset)  # this rank's substituted files
+            if note:  # every rank says its own (stderr); rank 0 also into the run's log
+                print(f"rank {acc.process_index}: {note}", file=sys.stderr, flush=True)
+                self.log.event("bad_samples", epoch=epoch, note=note)
             if stop is Stop.PREEMPTED:
                 break
             paused = time.perf_counter()  # eval and saves are not training time (samples/s)

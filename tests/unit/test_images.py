@@ -12,6 +12,7 @@ from PIL import Image
 from dist_train.config.schema import DataConfig
 from dist_train.data.images import (
     BadImage,
+    bad_sample_note,
     image_source,
     lazy_images,
     pixel_stats,
@@ -19,7 +20,7 @@ from dist_train.data.images import (
     unit_float,
 )
 from dist_train.data.loaders import make_loader
-from dist_train.data.rows import Workers
+from dist_train.data.rows import LazyRows, Workers
 from dist_train.data.sources import load_data
 from dist_train.errors import UserError
 
@@ -151,8 +152,13 @@ def test_corrupt_body_skip_substitutes_the_next_image_of_its_class(tmp_path, cap
     assert err.count("data.on_bad_sample=skip: cannot decode") == 2
     assert "1/004.png" in err and "1/006.png" in err and "bad samples met by process" in err
     assert images.skipped == 2
-    # through workers: every batch keeps its size, labels unchanged
+    # through workers: every batch keeps its size, labels unchanged; the workers' substitutions
+    # are counted in the training process (what the trainer logs at each epoch end)
+    assert "2 undecodable image(s)" in bad_sample_note(LazyRows(lazy.train))
+    assert bad_sample_note(LazyRows(lazy.train)) is None  # nothing new since
     batches = _epoch(lazy.train, 2)
+    note = bad_sample_note(LazyRows(lazy.train))
+    assert note is not None and "(4 so far" in note  # row 004 and 005 drawn once each
     assert all(len(b[0]) == 8 for b in batches)
     assert torch.equal(
         torch.cat([b[1] for b in batches]), lazy.train.y[torch.cat([b[2] for b in batches])]
