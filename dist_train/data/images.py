@@ -203,7 +203,8 @@ def bad_sample_note(dataset) -> str | None:
         return None
     return (
         f"data.on_bad_sample=skip: {new} undecodable image(s) replaced by the next image of "
-        f"their class this epoch ({total} so far in this process; the files are named above)"
+        f"their class since the last note ({total} in this process, the statistics pass "
+        "included; each file is named on stderr as it is met)"
     )
 
 
