@@ -1,7 +1,7 @@
 """Image folder throughput: dist_train's lazy image path against a hand-written PyTorch loop.
 
     .venv/bin/python benchmarks/image_folder.py              # 20,000 64x64 JPEGs, 1 epoch each
-    .venv/bin/python benchmarks/image_folder.py --quick      # 600 32x32 JPEGs: a smoke test
+    .venv/bin/python benchmarks/image_folder.py --quick      # 320 32x32 JPEGs: a smoke test
 
 Both sides train the same CNN on the same JPEG folder with the same number W of DataLoader
 workers, batch size and resolution, one epoch each, in one process:
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sizes(quick: bool) -> dict:
     if quick:
-        return {"n": 600, "side": 32, "batch": 32, "log_every": 3, "workers": 1}
+        return {"n": 320, "side": 32, "batch": 32, "log_every": 2, "workers": 1}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"n": 20_000, "side": 64, "batch": 128, "log_every": 10, "workers": max(cores - 1, 1)}
 
@@ -199,7 +199,7 @@ def decode_limit(root: Path, side: int, count: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="600 32x32 images (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="320 32x32 images (smoke test)")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "image_folder"))
     ap.add_argument("--out", default=None, help="JSON results (default: WORK/results.json)")
     ap.add_argument("--workers", type=int, default=None, help="W (default: cores - 1)")
