@@ -1,11 +1,13 @@
 """Image folders (`root/<class>/<file>`): one scan, then per-sample decode to uint8 [C, H, W].
 
 The scan (sorted file list, class from the first-level subfolder, a header check of every file)
-happens once. Decoding is `ImageFiles.fetch`, a row source: in DataLoader worker processes on
-the lazy path, and through the same function (in workers too) when the memory path decodes the
-whole folder up front, so both paths hold the very same bytes. Pixels stay uint8 until a batch
-reaches the model's device: `unit_float` (x / 255, float32) is applied there, in the model's
-input adapter (`Net.forward`) and, before them, wherever a batch is mixed or augmented.
+happens once: its verdict is cached (data.cache_dir) under a key of every file's name, size and
+mtime, so the other ranks and later runs only list and stat the files. Decoding is
+`ImageFiles.fetch`, a row source: in DataLoader worker processes on the lazy path, and through
+the same function (in workers too) when the memory path decodes the whole folder up front, so
+both paths hold the very same bytes. Pixels stay uint8 until a batch reaches the model's
+device: `unit_float` (x / 255, float32) is applied there, in the model's input adapter
+(`Net.forward`) and, before it, wherever a batch is mixed or augmented.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ def scan_folder(root: str, cfg: DataConfig, source: str) -> FolderScan:
     labels = np.asarray([Path(f).parts[0] if len(Path(f).parts) > 1 else "0" for f in files])
     order = sorted(range(len(files)), key=lambda i: (labels[i], files[i]))
     files, labels = [files[i] for i in order], labels[order]
-    bad, size = [], None
+    cache = _scan_cache(base, files, cfg)
+    size = _cached_size(cache)
+    if size is not None:  # these very files (names, sizes, mtimes) passed the check before
+        return FolderScan(str(base), tuple(files), labels, tuple(cfg.image_size or size))
+    bad = []
     for rel in files:
         try:
             with Image.open(base / rel) as img:  # header only: no pixel data read
@@ -97,8 +103,48 @@ def scan_folder(root: str, cfg: DataConfig, source: str) -> FolderScan:
             f"{source}: {len(bad)} unreadable image file(s): {'; '.join(bad[:3])}{more}; "
             "remove or replace them (found by a header check of every file before training)."
         )
+    _write_scan_cache(cache, size)
     size = tuple(cfg.image_size) if cfg.image_size is not None else size
     return FolderScan(str(base), tuple(files), labels, size)
+
+
+def _scan_cache(base: Path, files: list[str], cfg: DataConfig) -> Path:
+    """Where a passed header check of exactly these files is recorded: keyed by every file's
+    path, size and mtime (a stat, ~100x cheaper than opening it), so the other ranks (which
+    scan after rank 0, build.py's main_process_first) and later runs skip the opens, and any
+    added, removed or rewritten file means a fresh check."""
+    import hashlib
+
+    from dist_train.data.arrow import cache_root
+
+    digest = hashlib.sha256(str(base.resolve()).encode())
+    for rel in files:
+        st = os.stat(base / rel)
+        digest.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return cache_root(cfg) / "image_scans" / f"{digest.hexdigest()[:32]}.json"
+
+
+def _cached_size(cache: Path) -> tuple[int, int] | None:
+    import json
+
+    try:
+        return tuple(json.loads(cache.read_text())["first_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_scan_cache(cache: Path, size: tuple[int, int]) -> None:
+    """Best effort (a read-only cache directory only costs the next scan its header opens);
+    written to a temporary name and renamed: a reader never sees half a file."""
+    import json
+
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"first_size": list(size)}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
 
 
 class BadImage(UserError):

@@ -43,6 +43,7 @@ def _folder(root, per_class: int = 12, classes: int = 3, size: int = 8, fmt: str
 
 def _cfg(root, **kw) -> DataConfig:
     base = {"source": f"imagefolder:{root}", "target": "label", "task": "multiclass"}
+    base["cache_dir"] = str(root.parent / "scan-cache")  # not the user's ~/.cache
     return DataConfig(**(base | {"channels": 1, "valid_fraction": 0.25, "standardize": True} | kw))
 
 
@@ -158,8 +159,28 @@ def test_corrupt_body_skip_substitutes_the_next_image_of_its_class(tmp_path, cap
     assert bad_sample_note(LazyRows(lazy.train)) is None  # nothing new since
     batches = _epoch(lazy.train, 2)
     note = bad_sample_note(LazyRows(lazy.train))
-    assert note is not None and "(4 so far" in note  # row 004 and 005 drawn once each
+    assert note is not None and "(4 in this process" in note  # 004 and 005 drawn once each
     assert all(len(b[0]) == 8 for b in batches)
     assert torch.equal(
         torch.cat([b[1] for b in batches]), lazy.train.y[torch.cat([b[2] for b in batches])]
     )
+
+
+def test_scan_verdict_is_cached_per_file_set(tmp_path, monkeypatch):
+    """A second scan of the same files (another rank, a later run) opens no header; adding
+    or rewriting a file means a fresh check, which finds a bad file again."""
+    import PIL.Image
+
+    root = _folder(tmp_path / "img", per_class=2)
+    cfg = _cfg(root, cache_dir=str(tmp_path / "cache"))
+    first = scan_folder(str(root), cfg, "data.source")
+    opens = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opens.append(a) or real_open(*a, **k))
+    again = scan_folder(str(root), cfg, "data.source")
+    assert (again.files, again.size) == (first.files, first.size) and opens == []
+    assert again.labels.tolist() == first.labels.tolist()
+    (root / "2" / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"bad\.png"):
+        scan_folder(str(root), cfg, "data.source")
+    assert len(opens) == 7  # every file's header, the new one included
