@@ -11,7 +11,8 @@ workers, batch size and resolution, one epoch each, in one process:
   a uint8 CHW tensor, default collate, then `x.float() / 255` and the training step;
 - dist_train: `dist_train.train` on a recipe with `data.mode: lazy` and `data.num_workers: W`.
 
-Images/s are steady-state: samples over the time of every log interval after the first (the
+`--rounds N` repeats the pair with the order alternating and reports medians. Images/s are
+steady-state: samples over the time of every log interval after the first (the
 first holds worker start-up and the first prefetch), as the trainer's own `samples_per_s`
 reports them. Also measured: the single-core decode limit (files decoded per second by one
 process, no model) and images/s per worker. The folder is built once (digits from
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "image_folder"))
     ap.add_argument("--out", default=None, help="JSON results (default: WORK/results.json)")
     ap.add_argument("--workers", type=int, default=None, help="W (default: cores - 1)")
+    ap.add_argument("--rounds", type=int, default=1, help="A/B rounds, order alternating")
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     s = sizes(args.quick)
@@ -214,10 +217,20 @@ def main(argv: list[str] | None = None) -> dict:
     root = build_folder(work / f"jpegs-{s['n']}-{s['side']}", s["n"], s["side"])
     print(f"folder: {s['n']} JPEGs {s['side']}x{s['side']} ({time.perf_counter() - t:.1f} s)")
     limit = decode_limit(root, s["side"], min(s["n"], 3000))
-    ref = reference(root, s)
-    ours = dist_train_run(root, s, work)
-    ratio = ours["images_per_s"] / ref["images_per_s"]
+    rounds = []
+    for r in range(args.rounds):  # A B, then B A: a drift in machine load hits both sides
+        pair = {}
+        for side in ("reference", "dist_train") if r % 2 == 0 else ("dist_train", "reference"):
+            run = reference(root, s) if side == "reference" else dist_train_run(root, s, work)
+            pair[side] = run["images_per_s"]
+        pair["ratio"] = pair["dist_train"] / pair["reference"]
+        print(f"round {r + 1}/{args.rounds}: {json.dumps(pair)}", flush=True)
+        rounds.append(pair)
+    ref = {"images_per_s": statistics.median(p["reference"] for p in rounds)}
+    ours = {"images_per_s": statistics.median(p["dist_train"] for p in rounds)}
+    ratio = statistics.median(p["ratio"] for p in rounds)
     result = {
+        "rounds": rounds,
         "images": s["n"],
         "side": s["side"],
         "batch_size": s["batch"],
@@ -234,9 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(result, indent=1))
     w = s["workers"]
     print(f"single-core decode limit: {limit:,.0f} images/s (one process, no model)")
-    print(f"reference loop (W={w}):  {ref['images_per_s']:,.0f} images/s")
-    print(f"dist_train lazy (W={w}): {ours['images_per_s']:,.0f} images/s")
-    print(f"ratio dist_train / reference: {ratio:.3f}")
+    print(f"reference loop (W={w}):  {ref['images_per_s']:,.0f} images/s (median of rounds)")
+    print(f"dist_train lazy (W={w}): {ours['images_per_s']:,.0f} images/s (median of rounds)")
+    print(f"ratio dist_train / reference: {ratio:.3f} (median of the per-round ratios)")
     print(
         f"per worker: reference {result['reference_per_worker']:,.0f}, dist_train "
         f"{result['dist_train_per_worker']:,.0f} images/s (decode limit {limit:,.0f})"

@@ -65,6 +65,7 @@ def test_image_folder_benchmark_quick_reports_both_loops(tmp_path):
     assert doc["images"] == len(list((tmp_path / "work").glob("jpegs-*/*/*.jpg")))
     for key in ("decode_limit", "reference", "dist_train"):
         assert doc[f"{key}_images_per_s"] > 0, key
+    assert len(doc["rounds"]) == 1
     assert doc["ratio"] == pytest.approx(
         doc["dist_train_images_per_s"] / doc["reference_images_per_s"]
     )
