@@ -194,7 +194,8 @@ class DataConfig(Strict):
     mode: Literal["auto", "memory", "lazy", "stream"] = Field(
         "auto",
         description="memory: every row as tensors (fastest); lazy: rows fetched per batch from "
-        "parquet/disk/csv/json (csv/json via an Arrow cache); auto: memory when the estimated "
+        "parquet/disk/csv/json (csv/json via an Arrow cache) or decoded per batch from an "
+        "imagefolder; auto: memory when the estimated "
         "float32 table fits data.memory_budget_gb; stream: not available yet",
     )
     memory_budget_gb: float = Field(

@@ -120,7 +120,8 @@ def default_workers(cfg: DataConfig) -> Workers:
 
 
 def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
-    """(ArrowRows over `source`, its feature names) — files found, csv/json cached once."""
+    """(ArrowRows over `source`, its feature names, all its column names) — files found,
+    csv/json cached once."""
     from dist_train.data import arrow
 
     kind, _, loc = source.partition(":")
@@ -151,7 +152,7 @@ def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
             f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
             f"{len(feats)} features."
         )
-    return arrow.ArrowRows(files, fmt, feats, rows, cfg.shape), feats
+    return arrow.ArrowRows(files, fmt, feats, rows, cfg.shape), feats, names
 
 
 def _check_columns(feats: list[str], names: list[str], source: str, first: str, fmt: str):
@@ -195,11 +196,11 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
         bundle.workers = default_workers(cfg)
         bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
         return bundle
-    rows, feats = open_rows(cfg.source, cfg, "data.source", None)
+    rows, feats, _ = open_rows(cfg.source, cfg, "data.source", None)
     y_raw = _column(rows.table([cfg.target]), cfg.target, cfg.source)
     valid = None
     if cfg.valid_source:
-        vrows, _ = open_rows(cfg.valid_source, cfg, "data.valid_source", feats)
+        vrows, _, _ = open_rows(cfg.valid_source, cfg, "data.valid_source", feats)
         vy_raw = _column(vrows.table([cfg.target]), cfg.target, cfg.valid_source)
         classes, y_all, keep = _encode_targets(y_raw, cfg, vy_raw)
         _, vy, vkeep = _encode_targets(vy_raw, cfg, None, classes)
@@ -220,6 +221,26 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
     bundle.workers = default_workers(cfg)
     bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
     return bundle
+
+
+def load_lazy_table(
+    source: str, cfg: DataConfig, classes: list | None, feats: list[str], require_target: bool
+) -> tuple[LazyTable, bool]:
+    """`sources.load_table` (eval/predict `--data`) on the lazy path: every row of `source`
+    in file order (predict writes them in that order), targets encoded with the run's classes;
+    a file without the target column is accepted when `require_target` is False."""
+    from dist_train.data.sources import _column, _encode_targets, _numeric_target
+
+    rows, _, names = open_rows(source, cfg, "--data", feats)
+    every = np.arange(len(rows), dtype=np.int64)
+    if not require_target and cfg.target not in names:
+        return LazyTable(rows, every, torch.zeros(len(rows), dtype=torch.int64)), False
+    y_raw = _column(rows.table([cfg.target]), cfg.target, source)
+    if cfg.task == "regression":
+        y = torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))
+        return LazyTable(rows, every, y), True
+    _, y, keep = _encode_targets(y_raw, cfg, None, classes)
+    return LazyTable(rows, np.flatnonzero(keep.numpy()).astype(np.int64), y), True
 
 
 def standardize_stats(source: RowSource, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,19 @@ class LazyRows(torch.utils.data.Dataset):
         return self.source.fetch(self.ids[idx.numpy()]), self.y[idx], idx
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1/Ctrl-C to the training process: SLURM and
+    torchrun signal every process of the job, and a worker dying of it would abort the epoch
+    with "DataLoader worker killed" before the training process could save and exit 75. A
+    worker still ends with its training process (DataLoader's parent watchdog)."""
+    import signal
+
+    from dist_train.training.signals import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @dataclass(frozen=True)
 class Workers:
     """DataLoader worker settings of the lazy path (`data.num_workers` & co., resolved)."""
@@ -92,6 +105,7 @@ class Workers:
         if self.num_workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             kwargs["prefetch_factor"] = self.prefetch_factor
+            kwargs["worker_init_fn"] = ignore_stop_signals
         return kwargs
 
     def describe(self) -> str:

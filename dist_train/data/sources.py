@@ -462,7 +462,12 @@ def load_table(
     require_target: bool = True,
 ) -> tuple[Table, bool]:
     """Another file with the recipe's columns and class encoding (eval/predict `--data`).
-    Returns the table and whether it had targets (predict accepts files without them)."""
+    Returns the table and whether it had targets (predict accepts files without them); a
+    `LazyTable` when data.mode (auto: the size of this file) says lazy."""
+    from dist_train.data.lazy import choose_mode, load_lazy_table
+
+    if choose_mode(cfg.model_copy(update={"source": source, "valid_source": None})).mode == "lazy":
+        return load_lazy_table(source, cfg, classes, feature_names, require_target)
     frame = load_source(source, cfg, key="--data")
     if cfg.text is not None:
         x = _tokens(frame, cfg, source)
