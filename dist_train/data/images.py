@@ -407,3 +407,19 @@ def lazy_images(cfg: DataConfig, seed: int, workers: int = 0):
     if cfg.standardize:  # one streaming pass over the training split's files
         norm = pixel_stats(x for _, x in _decoded(images, lazy_train.ids, workers))
     return DataBundle(lazy_train, lazy_valid, images.input_shape, classes, [], norm)
+
+
+def lazy_image_table(source: str, cfg: DataConfig, classes: list | None, require_target: bool):
+    """eval/predict `--data imagefolder:DIR` on the lazy path: every file in scan order (the
+    order predict writes), labels from the class folders encoded with the run's classes; a
+    folder of files without class subfolders is accepted when `require_target` is False."""
+    from dist_train.data.rows import LazyTable
+    from dist_train.data.sources import _encode_targets
+
+    images = image_source(source.partition(":")[2], cfg, "--data")
+    every = np.arange(len(images), dtype=np.int64)
+    unlabeled = all(len(Path(f).parts) == 1 for f in images.scan.files)
+    if not require_target and unlabeled:
+        return LazyTable(images, every, torch.zeros(len(images), dtype=torch.int64)), False
+    _, y, keep = _encode_targets(images.scan.labels, cfg, None, classes)
+    return LazyTable(images, np.flatnonzero(keep.numpy()).astype(np.int64), y), True

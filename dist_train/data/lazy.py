@@ -231,6 +231,10 @@ def load_lazy_table(
     a file without the target column is accepted when `require_target` is False."""
     from dist_train.data.sources import _column, _encode_targets, _numeric_target
 
+    if source.startswith("imagefolder:"):
+        from dist_train.data.images import lazy_image_table
+
+        return lazy_image_table(source, cfg, classes, require_target)
     rows, _, names = open_rows(source, cfg, "--data", feats)
     every = np.arange(len(rows), dtype=np.int64)
     if not require_target and cfg.target not in names:

@@ -56,6 +56,18 @@ def test_lazy_equals_memory_bitwise_and_workers_do_not_matter(folder, tmp_path):
     assert "data: lazy" in r.stdout and "2 workers/process" in r.stdout
     serial, _ = _train(folder, tmp_path / "lazy0", "data.mode=lazy", "data.num_workers=0")
     assert bitwise_equal(memory, lazy) and bitwise_equal(lazy, serial)
+    # predict --data on the folder: the same rows in scan order, the same numbers, either path
+    csv = {}
+    for mode in ("memory", "lazy"):
+        out = tmp_path / f"{mode}.csv"
+        r = cli_here(
+            "predict", RECIPE, "--checkpoint", str(tmp_path / "lazy2"), "--data",
+            f"imagefolder:{folder}", "-o", str(out), f"data.source=imagefolder:{folder}",
+            *PLAIN, f"data.mode={mode}", "data.num_workers=1",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        csv[mode] = out.read_text()
+    assert csv["memory"] == csv["lazy"] and len(csv["lazy"].splitlines()) == 401
 
 
 @pytest.mark.dist
