@@ -322,8 +322,12 @@ def _numeric(chunks) -> bool:
 
 
 def _features(frame, names: list[str], cfg: DataConfig) -> torch.Tensor:
-    if "__image__" in frame.column_names:  # imagefolder: uint8 [N, C, H, W] (data/images.py)
-        return frame["__image__"]
+    if "__image__" in frame.column_names:  # rows already decoded to arrays
+        pixels = frame["__image__"]
+        if isinstance(pixels, torch.Tensor):  # imagefolder: uint8 [N, C, H, W] (data/images.py)
+            return pixels
+        # dist_train.fit's Python datasets (data/python.py): float rows of any shape
+        return torch.as_tensor(np.stack(pixels), dtype=torch.float32)
     # Filled column by column: one float32 copy of the table at a time (peak memory).
     values = np.empty((frame.num_rows, len(names)), dtype=np.float32)
     for j, name in enumerate(names):
