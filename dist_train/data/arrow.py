@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -67,9 +68,9 @@ def read_parquet(files: list[str]):
 def disk_files(loc: str, split: str, key: str) -> list[str]:
     """The Arrow files behind a `datasets.save_to_disk` directory (memory-mapped by datasets
     itself); save_to_disk writes the rows flattened, in order, so row i is row i of the files."""
-    from dist_train.data.sources import _from_disk
+    from dist_train.data.sources import from_disk
 
-    ds = _from_disk(loc, split, key)
+    ds = from_disk(loc, split, key)
     files = [f["filename"] for f in ds.cache_files]
     if not files or ds._indices is not None:  # an in-memory or index-mapped dataset
         raise UserError(
@@ -87,13 +88,16 @@ def cache_root(cfg) -> Path:
 
 
 def arrow_cache(kind: str, loc: str, cfg, key: str) -> str:
-    """csv/json -> one Arrow stream file, written once (the caller runs this on the main process
-    first, inside `main_process_first`; the others then find it). Keyed on the file's absolute
-    path, size and mtime, so an edited file gets a new cache and an unchanged one is reused.
-    Parsed by `datasets`, the memory path's reader, so both paths see the same values."""
+    """csv/json/one parquet file -> one Arrow stream file, written once (the caller runs this
+    on the main process first, inside `main_process_first`; the others then find it). Keyed on
+    the file's absolute path, size and mtime, so an edited file gets a new cache and an
+    unchanged one is reused. csv/json are parsed by `datasets`, the memory path's reader, so
+    both paths see the same values; parquet is copied record batch by record batch (never the
+    whole file in memory): random row access into parquet decodes whole row groups per batch
+    (~200 rows/s measured), into memory-mapped Arrow it is a gather."""
     from dist_train.data.sources import load_source
 
-    if not Path(loc).is_file():
+    if kind != "parquet" and not Path(loc).is_file():
         load_source(f"{kind}:{loc}", cfg, key)  # raises the memory path's "not found" error
     st = os.stat(loc)
     ident = f"{kind}|{os.path.abspath(loc)}|{st.st_size}|{st.st_mtime_ns}"
@@ -103,30 +107,56 @@ def arrow_cache(kind: str, loc: str, cfg, key: str) -> str:
     if out.is_file():
         return str(out)
     root.mkdir(parents=True, exist_ok=True)
-    import pyarrow as pa
-
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
     try:
-        import datasets
-
-        datasets.disable_progress_bars()
-        try:
-            ds = datasets.load_dataset(kind, data_files=loc, split="train", cache_dir=str(work))
-        except Exception:
-            ds = None
-        if ds is None or ds.num_rows == 0:
-            load_source(f"{kind}:{loc}", cfg, key)  # the memory path's one-paragraph error
-            raise UserError(f"{key} `{kind}:{loc}`: no rows; add data rows.")
         tmp = work / "rows.arrow"
-        table = ds.data.table
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-            for batch in table.to_batches(max_chunksize=65536):
-                w.write_batch(batch)
-        del ds, table
+        if kind == "parquet":
+            try:
+                _parquet_to_arrow(loc, tmp)
+            except Exception as err:  # pyarrow's parse errors carry the useful detail
+                raise UserError(
+                    f"{key} `parquet:{loc}`: cannot parse {loc} as parquet: "
+                    f"{str(err).splitlines()[0][:200]}"
+                ) from None
+        else:
+            _text_to_arrow(kind, loc, cfg, key, work, tmp)
         os.replace(tmp, out)  # atomic: a reader never sees a half-written cache
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return str(out)
+
+
+CACHE_BATCH = 1 << 18  # rows per record batch of the cache: few chunks, each one gather
+
+
+def _parquet_to_arrow(loc: str, tmp: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(loc)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, pf.schema_arrow) as w:
+        for batch in pf.iter_batches(batch_size=CACHE_BATCH):
+            w.write_batch(batch)
+
+
+def _text_to_arrow(kind: str, loc: str, cfg, key: str, work: Path, tmp: Path) -> None:
+    import datasets
+    import pyarrow as pa
+
+    from dist_train.data.sources import load_source
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=loc, split="train", cache_dir=str(work))
+    except Exception:
+        ds = None
+    if ds is None or ds.num_rows == 0:
+        load_source(f"{kind}:{loc}", cfg, key)  # the memory path's one-paragraph error
+        raise UserError(f"{key} `{kind}:{loc}`: no rows; add data rows.")
+    table = ds.data.table
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=CACHE_BATCH):
+            w.write_batch(batch)
 
 
 def open_arrow(files: list[str]):
@@ -138,18 +168,17 @@ def open_arrow(files: list[str]):
 
 
 class ArrowRows:
-    """A `rows.RowSource` over parquet files (`fmt` "parquet", read through pyarrow.dataset) or
-    Arrow stream files ("arrow", memory-mapped): float32 features of `columns`, reshaped to
-    `shape` when given."""
+    """A `rows.RowSource` over memory-mapped Arrow stream files (datasets' `disk:` files, or
+    the cache of parquet/csv/json sources): float32 features of `columns`, reshaped to `shape`
+    when given. A fetch gathers each record batch's rows from numpy views of the mapped
+    buffers (Arrow's own `take` on a many-chunk table concatenates whole columns first)."""
 
     dtype = torch.float32
 
-    def __init__(
-        self, files: list[str], fmt: str, columns: list[str], num_rows: int, shape=None
-    ) -> None:
-        self.files, self.fmt, self.columns, self.num_rows = files, fmt, columns, num_rows
+    def __init__(self, files: list[str], columns: list[str], num_rows: int, shape=None) -> None:
+        self.files, self.columns, self.num_rows = files, columns, num_rows
         self.input_shape = tuple(shape) if shape else (len(columns),)
-        self._data = None
+        self._chunks = None
         self._pid = None
 
     def __len__(self) -> int:
@@ -157,37 +186,36 @@ class ArrowRows:
 
     def __getstate__(self) -> dict:
         # Workers reopen the files themselves: open Arrow objects are not shipped.
-        return {**self.__dict__, "_data": None, "_pid": None}
+        return {**self.__dict__, "_chunks": None, "_pid": None}
 
     def _open(self):
-        # Reopened after a fork too: Arrow's file handles and thread pools are per process.
-        if self._data is None or self._pid != os.getpid():
-            if self.fmt == "parquet":
-                import pyarrow.dataset as pads
-
-                self._data = pads.dataset(self.files, format="parquet")
-            else:
-                self._data = open_arrow(self.files).select(self.columns)
-            self._pid = os.getpid()
-        return self._data
+        """(row offset of each record batch, its columns as numpy views or Arrow arrays)."""
+        # Reopened after a fork too: Arrow's memory maps and thread pools are per process.
+        if self._chunks is None or self._pid != os.getpid():
+            batches = open_arrow(self.files).select(self.columns).to_batches()
+            cols = [_block([_view(c) for c in b.columns]) for b in batches]
+            offsets = np.cumsum([0] + [b.num_rows for b in batches])
+            self._chunks, self._pid = (offsets, cols), os.getpid()
+        return self._chunks
 
     def table(self, columns: list[str]):
         """Whole columns (the targets: one small column), without the features."""
-        data = self._open()
-        if self.fmt == "parquet":
-            return data.to_table(columns=columns)
         return open_arrow(self.files).select(columns)
 
     def fetch(self, ids: np.ndarray) -> torch.Tensor:
-        import pyarrow as pa
-
         ids = np.asarray(ids, dtype=np.int64)
-        data = self._open()
-        index = pa.array(ids)
-        rows = data.take(index, columns=self.columns) if self.fmt == "parquet" else data.take(index)
+        offsets, cols = self._open()
+        chunk = np.searchsorted(offsets, ids, side="right") - 1
+        local = ids - offsets[chunk]
         out = np.empty((len(ids), len(self.columns)), dtype=np.float32)
-        for j, name in enumerate(self.columns):  # column by column: one copy, the batch
-            out[:, j] = rows.column(name).to_numpy()
+        for c in np.unique(chunk):  # the record batches this batch touches
+            sel = np.flatnonzero(chunk == c)
+            rows = local[sel]
+            if isinstance(cols[c], np.ndarray):  # [features, rows] view: one gather
+                out[sel] = cols[c][:, rows].T
+                continue
+            for j, col in enumerate(cols[c]):  # column by column: one copy, the batch
+                out[sel, j] = col[rows] if isinstance(col, np.ndarray) else _take(col, rows)
         if np.isnan(out).any():
             row, col = (int(v) for v in np.argwhere(np.isnan(out))[0])
             raise UserError(
@@ -196,3 +224,51 @@ class ArrowRows:
             )
         x = torch.from_numpy(out)
         return x.reshape(-1, *self.input_shape) if len(self.input_shape) > 1 else x
+
+
+def _view(array):
+    """A zero-copy numpy view of a numeric column without nulls (the mapped file's bytes);
+    else the Arrow array itself (booleans, nulls), converted per fetch."""
+    try:
+        return array.to_numpy(zero_copy_only=True)
+    except Exception:  # pyarrow.ArrowInvalid: not representable without a copy
+        return array
+
+
+def _block(views: list):
+    """The columns of one record batch as a single [features, rows] strided view when Arrow
+    laid their buffers out at equal distances (one dtype, no nulls: the usual table), so a
+    fetch is one gather per record batch instead of one per column; else the list."""
+    first = views[0]
+    if not all(isinstance(v, np.ndarray) and v.dtype == first.dtype for v in views):
+        return views
+    if len(views) == 1:
+        return first[None, :]
+    addresses = [v.__array_interface__["data"][0] for v in views]
+    step = addresses[1] - addresses[0]
+    equal = all(b - a == step for a, b in itertools.pairwise(addresses))
+    if not equal or step <= 0 or step % first.itemsize or step < first.nbytes:
+        return views
+    block = np.lib.stride_tricks.as_strided(
+        first, shape=(len(views), len(first)), strides=(step, first.itemsize), writeable=False
+    )
+    return _Block(block, views)
+
+
+class _Block(np.ndarray):
+    """A strided view over several columns' buffers that keeps every column (and so the
+    memory map under them) alive as long as the view."""
+
+    def __new__(cls, block: np.ndarray, views: list):
+        obj = block.view(cls)
+        obj.keep = views
+        return obj
+
+    def __array_finalize__(self, obj) -> None:
+        self.keep = getattr(obj, "keep", None)
+
+
+def _take(array, rows: np.ndarray) -> np.ndarray:
+    import pyarrow as pa
+
+    return array.take(pa.array(rows)).to_numpy(zero_copy_only=False)

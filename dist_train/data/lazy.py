@@ -43,7 +43,13 @@ def choose_mode(cfg: DataConfig) -> Mode:
         return Mode("lazy", "data.mode lazy")
     if reason:
         return Mode("memory", f"auto: {reason}")
-    est, budget = estimate_bytes(cfg, kind), memory_budget(cfg)
+    try:
+        est = estimate_bytes(cfg, kind)
+    except UserError:
+        raise
+    except Exception:  # unreadable metadata: the memory path's reader words the parse error
+        return Mode("memory", f"auto: cannot estimate the size of {cfg.source}")
+    budget = memory_budget(cfg)
     sign = "<=" if est <= budget else ">"
     why = f"auto: estimated {_gib(est)} {sign} budget {_gib(budget)} per process"
     return Mode("memory" if est <= budget else "lazy", why)
@@ -90,9 +96,9 @@ def estimate_bytes(cfg: DataConfig, kind: str) -> float:
         rows = sum(pq.read_metadata(f).num_rows for f in files)
         names = pq.read_schema(files[0]).names
     elif kind == "disk":
-        from dist_train.data.sources import _from_disk
+        from dist_train.data.sources import from_disk
 
-        ds = _from_disk(loc, cfg.split, f"data.source `{cfg.source}`")
+        ds = from_disk(loc, cfg.split, f"data.source `{cfg.source}`")
         rows, names = ds.num_rows, ds.column_names
     else:
         return float(os.path.getsize(loc)) if Path(loc).is_file() else 0.0
@@ -129,40 +135,34 @@ def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
         from dist_train.data.sources import load_source
 
         load_source(source, cfg, key)  # the memory path's KIND:LOCATION error
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        files, fmt = arrow.parquet_files(loc, key), "parquet"
-        metas = [pq.read_metadata(f) for f in files]
-        rows, names = sum(m.num_rows for m in metas), pq.read_schema(files[0]).names
-        if rows == 0:
-            raise UserError(f"{key} `{source}`: no rows in {len(files)} file(s); add data rows.")
+    if kind == "parquet":  # each shard copied once into the Arrow cache (arrow.arrow_cache)
+        shards = arrow.parquet_files(loc, key)
+        files = [arrow.arrow_cache("parquet", f, cfg, key) for f in shards]
+    elif kind == "disk":
+        files = arrow.disk_files(loc, cfg.split, f"{key} `{source}`")
     else:
-        if kind == "disk":
-            files = arrow.disk_files(loc, cfg.split, f"{key} `{source}`")
-        else:
-            files = [arrow.arrow_cache(kind, loc, cfg, key)]
-        fmt = "arrow"
-        table = arrow.open_arrow(files)  # memory-mapped: reads the schema, not the rows
-        rows, names = table.num_rows, table.column_names
+        files = [arrow.arrow_cache(kind, loc, cfg, key)]
+    table = arrow.open_arrow(files)  # memory-mapped: reads the schema, not the rows
+    rows, names = table.num_rows, table.column_names
+    if rows == 0:
+        raise UserError(f"{key} `{source}`: no rows in {len(files)} file(s); add data rows.")
     feats = feats or _feature_names(cfg, names)
-    _check_columns(feats, names, source, files[0], fmt)
+    _check_columns(feats, table.schema, source)
     if cfg.shape and int(np.prod(cfg.shape)) != len(feats):
         raise UserError(
             f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
             f"{len(feats)} features."
         )
-    return arrow.ArrowRows(files, fmt, feats, rows, cfg.shape), feats, names
+    return arrow.ArrowRows(files, feats, rows, cfg.shape), feats, names
 
 
-def _check_columns(feats: list[str], names: list[str], source: str, first: str, fmt: str):
+def _check_columns(feats: list[str], schema, source: str):
     """Feature columns exist and are numbers/booleans (from the schema: nothing read)."""
     import difflib
 
     import pyarrow as pa
 
-    from dist_train.data import arrow
-
+    names = schema.names
     for name in feats:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
@@ -170,13 +170,6 @@ def _check_columns(feats: list[str], names: list[str], source: str, first: str, 
             raise UserError(
                 f"column `{name}` not in {source}; {hint}columns: {', '.join(names[:20])}"
             )
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(first)
-    else:
-        schema = arrow.open_arrow([first]).schema
-    for name in feats:
         kind = schema.field(name).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or kind == pa.bool_()):
             raise UserError(
@@ -187,7 +180,7 @@ def _check_columns(feats: list[str], names: list[str], source: str, first: str, 
 
 def load_lazy(cfg: DataConfig, seed: int, why: str):
     """The lazy bundle: targets and split in memory, features left in the files."""
-    from dist_train.data.sources import DataBundle, _column, _encode_targets, split_order
+    from dist_train.data.sources import DataBundle, column, encode_targets, split_order
 
     if cfg.source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_images
@@ -197,17 +190,17 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
         bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
         return bundle
     rows, feats, _ = open_rows(cfg.source, cfg, "data.source", None)
-    y_raw = _column(rows.table([cfg.target]), cfg.target, cfg.source)
+    y_raw = column(rows.table([cfg.target]), cfg.target, cfg.source)
     valid = None
     if cfg.valid_source:
         vrows, _, _ = open_rows(cfg.valid_source, cfg, "data.valid_source", feats)
-        vy_raw = _column(vrows.table([cfg.target]), cfg.target, cfg.valid_source)
-        classes, y_all, keep = _encode_targets(y_raw, cfg, vy_raw)
-        _, vy, vkeep = _encode_targets(vy_raw, cfg, None, classes)
+        vy_raw = column(vrows.table([cfg.target]), cfg.target, cfg.valid_source)
+        classes, y_all, keep = encode_targets(y_raw, cfg, vy_raw)
+        _, vy, vkeep = encode_targets(vy_raw, cfg, None, classes)
         valid = LazyTable(vrows, np.flatnonzero(vkeep.numpy()).astype(np.int64), vy)
         train = LazyTable(rows, np.flatnonzero(keep.numpy()).astype(np.int64), y_all)
     else:
-        classes, y_all, keep = _encode_targets(y_raw, cfg, None)
+        classes, y_all, keep = encode_targets(y_raw, cfg, None)
         ids = np.flatnonzero(keep.numpy()).astype(np.int64)
         split_seed = seed if cfg.split_seed is None else cfg.split_seed
         t, v = split_order(len(y_all), cfg.valid_fraction, split_seed)
@@ -229,7 +222,7 @@ def load_lazy_table(
     """`sources.load_table` (eval/predict `--data`) on the lazy path: every row of `source`
     in file order (predict writes them in that order), targets encoded with the run's classes;
     a file without the target column is accepted when `require_target` is False."""
-    from dist_train.data.sources import _column, _encode_targets, _numeric_target
+    from dist_train.data.sources import column, encode_targets, numeric_target
 
     if source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_image_table
@@ -239,11 +232,11 @@ def load_lazy_table(
     every = np.arange(len(rows), dtype=np.int64)
     if not require_target and cfg.target not in names:
         return LazyTable(rows, every, torch.zeros(len(rows), dtype=torch.int64)), False
-    y_raw = _column(rows.table([cfg.target]), cfg.target, source)
+    y_raw = column(rows.table([cfg.target]), cfg.target, source)
     if cfg.task == "regression":
-        y = torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))
+        y = torch.from_numpy(numeric_target(y_raw, cfg).astype(np.float32))
         return LazyTable(rows, every, y), True
-    _, y, keep = _encode_targets(y_raw, cfg, None, classes)
+    _, y, keep = encode_targets(y_raw, cfg, None, classes)
     return LazyTable(rows, np.flatnonzero(keep.numpy()).astype(np.int64), y), True
 
 

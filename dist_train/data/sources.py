@@ -490,3 +490,10 @@ def load_table(
         return Table(x, torch.from_numpy(_numeric_target(y_raw, cfg).astype(np.float32))), True
     _, y, keep = _encode_targets(y_raw, cfg, None, classes)
     return Table(x[keep], y), True
+
+
+# The memory path's readers and target encoding, shared by the lazy path (data/lazy.py,
+# data/arrow.py) so both read and encode alike.
+from_disk = _from_disk
+encode_targets = _encode_targets
+numeric_target = _numeric_target
