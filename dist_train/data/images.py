@@ -372,7 +372,7 @@ def lazy_images(cfg: DataConfig, seed: int, workers: int = 0):
     path (the same functions, on the same scan order), so a step fetches the very rows the
     memory path would slice; only the decoding moves into the DataLoader's workers."""
     from dist_train.data.rows import LazyTable
-    from dist_train.data.sources import DataBundle, Table, _encode_targets, _split
+    from dist_train.data.sources import DataBundle, encode_targets, split_order
 
     images = image_source(cfg.source.partition(":")[2], cfg, "data.source")
     valid = None
@@ -390,19 +390,19 @@ def lazy_images(cfg: DataConfig, seed: int, workers: int = 0):
                 f"images to {images.input_shape}; set data.image_size to give both one size."
             )
     extra = valid.scan.labels if valid is not None else None
-    classes, y_all, keep = _encode_targets(images.scan.labels, cfg, extra)
-    ids = torch.from_numpy(np.flatnonzero(keep.numpy()))  # the rows the class filter keeps
-    if valid is not None:
-        _, vy, vkeep = _encode_targets(valid.scan.labels, cfg, None, classes)
-        train = Table(ids, y_all)
-        vtab = Table(torch.from_numpy(np.flatnonzero(vkeep.numpy())), vy)
-    else:  # the memory path's split, drawn over the same rows: x holds their source ids
-        split_seed = seed if cfg.split_seed is None else cfg.split_seed
-        train, vtab = _split(Table(ids, y_all), cfg.valid_fraction, split_seed)
-    lazy_train = LazyTable(images, train.x.numpy(), train.y)
+    classes, y_all, keep = encode_targets(images.scan.labels, cfg, extra)
+    ids = np.flatnonzero(keep.numpy()).astype(np.int64)  # the rows the class filter keeps
     lazy_valid = None
-    if vtab is not None:
-        lazy_valid = LazyTable(valid if valid is not None else images, vtab.x.numpy(), vtab.y)
+    if valid is not None:
+        _, vy, vkeep = encode_targets(valid.scan.labels, cfg, None, classes)
+        lazy_train = LazyTable(images, ids, y_all)
+        lazy_valid = LazyTable(valid, np.flatnonzero(vkeep.numpy()).astype(np.int64), vy)
+    else:  # the memory path's split (the same permutation), drawn over the same rows
+        split_seed = seed if cfg.split_seed is None else cfg.split_seed
+        t, v = split_order(len(y_all), cfg.valid_fraction, split_seed)
+        lazy_train = LazyTable(images, ids[t.numpy()], y_all[t])
+        if v is not None:
+            lazy_valid = LazyTable(images, ids[v.numpy()], y_all[v])
     norm = None
     if cfg.standardize:  # one streaming pass over the training split's files
         norm = pixel_stats(x for _, x in _decoded(images, lazy_train.ids, workers))
@@ -414,12 +414,12 @@ def lazy_image_table(source: str, cfg: DataConfig, classes: list | None, require
     order predict writes), labels from the class folders encoded with the run's classes; a
     folder of files without class subfolders is accepted when `require_target` is False."""
     from dist_train.data.rows import LazyTable
-    from dist_train.data.sources import _encode_targets
+    from dist_train.data.sources import encode_targets
 
     images = image_source(source.partition(":")[2], cfg, "--data")
     every = np.arange(len(images), dtype=np.int64)
     unlabeled = all(len(Path(f).parts) == 1 for f in images.scan.files)
     if not require_target and unlabeled:
         return LazyTable(images, every, torch.zeros(len(images), dtype=torch.int64)), False
-    _, y, keep = _encode_targets(images.scan.labels, cfg, None, classes)
+    _, y, keep = encode_targets(images.scan.labels, cfg, None, classes)
     return LazyTable(images, np.flatnonzero(keep.numpy()).astype(np.int64), y), True
