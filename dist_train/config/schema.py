@@ -185,6 +185,12 @@ class DataConfig(Strict):
     )
     image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W]")
     channels: Literal[1, 3] = Field(3, description="imagefolder: 1 = grayscale, 3 = RGB")
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error",
+        description="imagefolder: a file that fails to decode mid-epoch: `error` stops naming "
+        "it (exit 2); `skip` decodes the next image of its class instead, logged and counted "
+        "(unreadable headers are refused before training either way)",
+    )
     eval_batch_size: int | None = Field(
         None, ge=1, description="global eval batch (default: train)"
     )
@@ -213,9 +219,10 @@ class DataConfig(Strict):
     mode: Literal["auto", "memory", "lazy", "stream"] = Field(
         "auto",
         description="memory: every row as tensors (fastest); lazy: rows fetched per batch from "
-        "parquet/disk/csv/json (csv/json via an Arrow cache); auto: memory when the estimated "
-        "float32 table fits data.memory_budget_gb; stream: parquet/csv/json/hub read as a "
-        "stream, for sources that cannot be indexed (README: Data larger than memory)",
+        "parquet/disk/csv/json (csv/json via an Arrow cache) or decoded per batch from an "
+        "imagefolder; auto: memory when the estimated float32 table fits "
+        "data.memory_budget_gb; stream: parquet/csv/json/hub read as a stream, for sources "
+        "that cannot be indexed (README: Data larger than memory)",
     )
     memory_budget_gb: float = Field(
         8.0,

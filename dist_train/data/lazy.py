@@ -56,6 +56,8 @@ def choose_mode(cfg: DataConfig) -> Mode:
 
 
 def _lazy_unsupported(cfg: DataConfig, kind: str) -> str | None:
+    if kind == "imagefolder":  # data/images.py: files decoded per batch in the workers
+        return None
     if kind not in LAZY_KINDS:
         return f"{kind}: sources are read into memory (lazy: {', '.join(LAZY_KINDS)})"
     if cfg.valid_source and cfg.valid_source.partition(":")[0] not in LAZY_KINDS:
@@ -89,6 +91,10 @@ def estimate_bytes(cfg: DataConfig, kind: str) -> float:
     from dist_train.data import arrow
 
     loc = cfg.source.partition(":")[2]
+    if kind == "imagefolder":  # files x C x H x W bytes, as the memory path holds them (uint8)
+        from dist_train.data.images import folder_bytes
+
+        return folder_bytes(loc, cfg)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -183,6 +189,13 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
     """The lazy bundle: targets and split in memory, features left in the files."""
     from dist_train.data.sources import DataBundle, column, encode_targets, split_order
 
+    if cfg.source.startswith("imagefolder:"):
+        from dist_train.data.images import lazy_images
+
+        bundle = lazy_images(cfg, seed, default_workers(cfg).num_workers)
+        bundle.workers = default_workers(cfg)
+        bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
+        return bundle
     rows, feats, _ = open_rows(cfg.source, cfg, "data.source", None)
     y_raw = column(rows.table([cfg.target]), cfg.target, cfg.source)
     valid = None
@@ -218,6 +231,10 @@ def load_lazy_table(
     a file without the target column is accepted when `require_target` is False."""
     from dist_train.data.sources import column, encode_targets, numeric_target
 
+    if source.startswith("imagefolder:"):
+        from dist_train.data.images import lazy_image_table
+
+        return lazy_image_table(source, cfg, classes, require_target)
     rows, _, names = open_rows(source, cfg, "--data", feats)
     every = np.arange(len(rows), dtype=np.int64)
     if not require_target and cfg.target not in names:

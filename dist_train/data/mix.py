@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dist_train.data.images import unit_float
 from dist_train.errors import UserError
 
 if TYPE_CHECKING:
@@ -107,10 +108,11 @@ class Mixer:
         if hasattr(src, "source"):  # a lazy table (data/rows.py): fetch the partners' rows
             partner = partner.cpu()
             xp = src.source.fetch(src.ids[partner.numpy()])
-            return xp.to(device, non_blocking=True), src.y[partner].to(device)
+            return unit_float(xp.to(device, non_blocking=True)), src.y[partner].to(device)
         if partner.device != src.x.device:  # rows kept on the host, batch on an accelerator
             partner = partner.to(src.x.device)
-        return src.x[partner].to(device, non_blocking=True), src.y[partner].to(device)
+        # uint8 image rows: the same [0, 1] floats as the batch they are mixed into
+        return unit_float(src.x[partner].to(device, non_blocking=True)), src.y[partner].to(device)
 
     def tables(self, epoch: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-row draws of one epoch, from (seed, epoch) only; rebuilt when the epoch changes."""

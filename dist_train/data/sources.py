@@ -119,8 +119,12 @@ def _load_memory(cfg: DataConfig, seed: int, frames: tuple | None) -> DataBundle
 def _features(frame, names: list[str], cfg: DataConfig, source: str | None = None):
     """Image pixels as a tensor; table columns as `Pending` (encoded after the split). Under
     data.missing error a missing cell is a UserError here, naming its row in the file."""
-    if "__image__" in frame.column_names:  # imagefolder: already a pixel array
-        return torch.as_tensor(np.stack(frame["__image__"]), dtype=torch.float32)
+    if "__image__" in frame.column_names:  # rows already decoded to arrays
+        pixels = frame["__image__"]
+        if isinstance(pixels, torch.Tensor):  # imagefolder: uint8 [N, C, H, W] (data/images.py)
+            return pixels
+        # dist_train.fit's Python datasets (data/python.py): float rows of any shape
+        return torch.as_tensor(np.stack(pixels), dtype=torch.float32)
     source = source or cfg.source
     missing = gaps(frame, names, cfg.missing, cfg.categorical, source)
     rows = np.arange(frame.num_rows) if cfg.missing != "drop" else np.nonzero(~missing)[0]
@@ -298,7 +302,12 @@ def _tokens(frame, cfg: DataConfig, source: str | None = None) -> torch.Tensor:
 
 def _fit_standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Train-split statistics: per feature for tables, per channel for images (per-pixel
-    statistics would turn always-blank border pixels into huge values once images shift)."""
+    statistics would turn always-blank border pixels into huge values once images shift).
+    uint8 pixels: the statistics of their [0, 1] values, in chunks (data/images.py)."""
+    if x.dtype == torch.uint8:
+        from dist_train.data.images import pixel_stats
+
+        return pixel_stats(x[i : i + 4096] for i in range(0, len(x), 4096))
     dims = (0, 2, 3) if x.dim() == 4 else (0,)
     mean, std = x.mean(dims, keepdim=x.dim() == 4), x.std(dims, keepdim=x.dim() == 4)
     if x.dim() == 4:
@@ -354,8 +363,10 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
         return _from_disk(loc, cfg.split, f"{key} `{source}`")
     if kind == "imagefolder":
         from dist_train.data.images import load_imagefolder
+        from dist_train.data.lazy import default_workers
 
-        return load_imagefolder(loc, cfg, f"{key} `{source}`")
+        workers = default_workers(cfg).num_workers  # decoded in parallel, as lazily
+        return load_imagefolder(loc, cfg, f"{key} `{source}`", workers)
     if kind == "hub":
         import datasets
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from dist_train.config.layers import LayerSpec, ModuleArgs
 from dist_train.config.schema import InitConfig, InitScheme
+from dist_train.data.images import unit_float
 from dist_train.errors import UserError
 
 _IMPORT_PATH = re.compile(
@@ -54,7 +55,9 @@ class Net(nn.Module):
         self.has_backbone, self.inputs, self.where = backbone is not None, inputs, where
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_norm(x)
+        # uint8 image batches become [0, 1] floats here, on the batch's device: the one place
+        # every path (training, eval, predict, probes, the exported model) goes through
+        x = self.input_norm(unit_float(x))
         if self.has_backbone:
             x = self.features(x)
         return self.layers(x)

@@ -9,6 +9,7 @@ broadcast (`from_main`) or agreed (`agree_any`).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -20,6 +21,7 @@ from dist_train.build import Supplied, build_components
 from dist_train.config.base import better, default_mode
 from dist_train.config.schema import Recipe
 from dist_train.data.augment import augment_batch, augment_generator
+from dist_train.data.images import bad_sample_note, unit_float
 from dist_train.data.loaders import fast_batches, make_loader
 from dist_train.data.mix import make_mixer
 from dist_train.data.stream import StreamLoader, StreamTable, stream_loader
@@ -237,6 +239,10 @@ class Trainer:
                 self.log.event("unfreeze", epoch=epoch, step=state.step, params=len(opened))
                 self.log.info(f"epoch {epoch + 1}: unfroze {len(opened)} tensors ({opened[0]} ...)")
             stop = self.run_epoch(epoch)
+            note = bad_sample_note(self.train_dl.dataset)  # this rank's substituted files
+            if note:  # every rank says its own (stderr); rank 0 also into the run's log
+                print(f"rank {acc.process_index}: {note}", file=sys.stderr, flush=True)
+                self.log.event("bad_samples", epoch=epoch, note=note)
             if stop is Stop.PREEMPTED:
                 break
             paused = time.perf_counter()  # eval and saves are not training time (samples/s)
@@ -272,10 +278,13 @@ class Trainer:
                 break  # tail shorter than one accumulation group: dropped (see drop_last)
             if self.audit is not None:
                 self.audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
+            if self.mixer is not None or recipe.data.augment:
+                x = unit_float(x)  # uint8 images: mixing/augmenting needs the [0, 1] floats
             if self.mixer is not None:  # draws keyed on (seed, epoch, row): world-size invariant
                 x, y = self.mixer(x, y, idx, epoch)
             if recipe.data.augment:  # seeded per (step, micro-batch, rank): resumable
-                gen = augment_generator(recipe.seed, state.step, micro % accum, acc.process_index)
+                key = (recipe.seed, state.step, micro % accum, acc.process_index)
+                gen = augment_generator(*key, device=x.device)  # draws on the batch's device
                 x = augment_batch(x, recipe.data.augment, gen)
             boundary = (micro + 1) % accum == 0
             step_rows.append(idx)

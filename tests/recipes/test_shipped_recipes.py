@@ -39,6 +39,8 @@ def _local(name: str, request) -> list[str]:
     """The transformers recipes read what recipes/make_pretrained.py writes to ./pretrained/:
     the `local_models` fixture (tests/conftest.py) runs it into a temporary directory (the ViT
     pretrained a few steps only) and these overrides point the recipes there."""
+    if name == "digits_folder_lazy.yaml":  # the image folder its script writes
+        return [f"data.source=imagefolder:{request.getfixturevalue('digits_folder')}"]
     if name not in LOCAL:
         return []
     root = request.getfixturevalue("local_models")
@@ -56,6 +58,18 @@ LOCAL = {
         f"finetune.from={root / 'vit-digits-0to4.safetensors'}",
     ],
 }
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    """recipes/make_digits_folder.py run as its header says (the first 300 digits here)."""
+    out = tmp_path_factory.mktemp("digits-folder") / "digits"
+    script = ROOT / "recipes" / "make_digits_folder.py"
+    cmd = [sys.executable, str(script), "--out", str(out), "--limit", "300"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list(out.glob("*/*.png"))) == 300 and "wrote 300 images" in r.stdout
+    return out
 
 
 def _strip_sweep(name: str) -> list[str]:

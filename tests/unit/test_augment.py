@@ -116,3 +116,35 @@ def test_rotation_and_zoom_stay_close_to_input():
     assert out.shape == x.shape
     assert (out - x).abs().mean() < 0.1  # small transforms keep the square in place
     assert out[:, :, 7, 7].min() > 0.9
+
+
+def test_cpu_draws_are_the_cpu_generators_stream():
+    """On CPU the draws are exactly a CPU generator's seeded from the same key (values as before
+    the draws moved to the batch's device): a shift-only batch moves by the generator's randint."""
+    x = images(n=8)
+    out = augment_batch(x, AugmentConfig(shift=2), gen(rank=1, step=4, micro=1, seed=3))
+    mixed = (3 * 1_000_003 + 4 * 8_191 + 1 * 131 + 1) % (2**63 - 1)
+    ref = torch.Generator().manual_seed(mixed)
+    torch.rand(8, generator=ref)  # the angle draw (rotation 0)
+    dx = torch.randint(-2, 3, (8,), generator=ref)
+    dy = torch.randint(-2, 3, (8,), generator=ref)
+    for i in range(8):
+        # the grid samples the input at p + shift: the image moves by minus the draw
+        assert torch.equal(out[i], _shifted(x[i], -int(dy[i]), -int(dx[i])))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator")
+def test_draws_are_made_on_the_batch_device():
+    """On an accelerator the generator and every draw live there; the result is reproducible and
+    augmenting does not synchronise with the host (checked under CUDA's sync debug mode)."""
+    x = images().cuda()
+    cfg = AugmentConfig(shift=2, flip=True, vflip=True, rotation=10, scale=(0.9, 1.1), noise=0.1)
+    g = augment_generator(0, 5, 1, 0, device=x.device)
+    assert g.device.type == "cuda"
+    torch.cuda.set_sync_debug_mode("error")  # any blocking device->host copy raises
+    try:
+        a = augment_batch(x, cfg, g)
+        b = augment_batch(x, cfg, augment_generator(0, 5, 1, 0, device=x.device))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert a.device == x.device and torch.equal(a, b) and not torch.equal(a, x)

@@ -50,3 +50,23 @@ def test_benchmark_quick_writes_every_case(tmp_path):
     weights = next(r for r in doc["rows"] if r["case"].startswith("weights"))
     assert weights["max_weight_diff"] < 1e-5
     assert "plain" in proc.stdout and "ratio" in proc.stdout
+
+
+@pytest.mark.slow
+def test_image_folder_benchmark_quick_reports_both_loops(tmp_path):
+    """`benchmarks/image_folder.py --quick`: builds its JPEG folder, trains the reference loop
+    and dist_train's lazy path with the same workers, reports images/s, ratio, decode limit."""
+    out = tmp_path / "images.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "image_folder.py"), "--quick"]
+    cmd += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["images"] == len(list((tmp_path / "work").glob("jpegs-*/*/*.jpg")))
+    for key in ("decode_limit", "reference", "dist_train"):
+        assert doc[f"{key}_images_per_s"] > 0, key
+    assert len(doc["rounds"]) == 1
+    assert doc["ratio"] == pytest.approx(
+        doc["dist_train_images_per_s"] / doc["reference_images_per_s"]
+    )
+    assert "ratio dist_train / reference" in proc.stdout

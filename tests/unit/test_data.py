@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from dist_train.config.schema import DataConfig
+from dist_train.data.images import unit_float
 from dist_train.data.loaders import TensorRows, make_loader
 from dist_train.data.sources import SKLEARN_SETS, Table, load_data
 from dist_train.errors import UserError
@@ -133,18 +134,20 @@ def test_imagefolder_source(tmp_path):
     x = torch.cat([bundle.train.x, bundle.valid.x])
     y = torch.cat([bundle.train.y, bundle.valid.y])
     assert len(x) == 8 and sorted(y.tolist()) == [0] * 4 + [1] * 4
-    assert x.min() >= 0.0 and x.max() <= 1.0
-    # every written image arrives (as CHW in [0, 1]) with its class
+    assert x.dtype == torch.uint8  # pixels stay bytes until a batch reaches the model
+    # every written image arrives as CHW with its class; on the device it becomes exactly the
+    # float32 division numpy gives (what this path produced before it kept bytes)
     for label, name in enumerate(("cat", "dog")):
         for arr in written[name]:
             want = torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32) / 255)
-            hits = [i for i in range(len(x)) if torch.allclose(x[i], want)]
+            hits = [i for i in range(len(x)) if torch.equal(unit_float(x[i]), want)]
             assert len(hits) == 1 and y[hits[0]] == label
-    # per-channel statistics of the train split only
+    # per-channel statistics of the train split only, of the [0, 1] values
     mean, std = bundle.norm
     assert mean.shape == (3, 1, 1) and std.shape == (3, 1, 1)
-    torch.testing.assert_close(mean.flatten(), bundle.train.x.mean((0, 2, 3)))
-    torch.testing.assert_close(std.flatten(), bundle.train.x.std((0, 2, 3)))
+    train = unit_float(bundle.train.x).double()
+    torch.testing.assert_close(mean.flatten(), train.mean((0, 2, 3)).float())
+    torch.testing.assert_close(std.flatten(), train.std((0, 2, 3)).float())
 
 
 def test_imagefolder_grayscale_and_resize(tmp_path):
