@@ -221,28 +221,20 @@ class Trainer:
         self.metrics = self._metric_set()
         self.heartbeat = signals.Heartbeat(acc.process_index, acc.num_processes)
         self.audit = open_audit(self.run_dir, acc.process_index)
+        self.loss_sum = torch.zeros((), device=acc.device)  # summed on device: no sync per step
+        self.profiler = StepProfiler(t.profile, self.run_dir, acc.process_index, acc.device,
+                                     self.state.step)  # fmt: skip
 
     def fit(self) -> Stop | None:
         """The loop. Periodic work is an explicit `if` at an optimizer-step boundary."""
         recipe, state, t = self.recipe, self.state, self.recipe.train
         signals.install()  # no-op if the CLI already did (a start-up signal still counts)
-        self.loss_sum = torch.zeros((), device=self.accelerator.device)  # no sync per step
         self.tick = time.perf_counter()
-        acc = self.accelerator
-        self.profiler = StepProfiler(
-            t.profile, self.run_dir, acc.process_index, acc.device, state.step
-        )
         stop = None
         for epoch in range(state.epoch, t.epochs):
-            opened = self.set_trainable(epoch)  # the same on every rank: epoch-determined
-            if opened:
-                self.log.event("unfreeze", epoch=epoch, step=state.step, params=len(opened))
-                self.log.info(f"epoch {epoch + 1}: unfroze {len(opened)} tensors ({opened[0]} ...)")
+            self.set_trainable(epoch, announce=True)  # the same on every rank: epoch-determined
             stop = self.run_epoch(epoch)
-            note = bad_sample_note(self.train_dl.dataset)  # this rank's substituted files
-            if note:  # every rank says its own (stderr); rank 0 also into the run's log
-                print(f"rank {acc.process_index}: {note}", file=sys.stderr, flush=True)
-                self.log.event("bad_samples", epoch=epoch, note=note)
+            self.report_bad_samples(epoch)  # image files a worker substituted (on_bad_sample)
             if stop is Stop.PREEMPTED:
                 break
             paused = time.perf_counter()  # eval and saves are not training time (samples/s)
@@ -264,7 +256,7 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> Stop | None:
         """Micro-batches of one epoch, from the resume position."""
-        recipe, state, acc = self.recipe, self.state, self.accelerator
+        recipe, state = self.recipe, self.state
         accum = recipe.train.grad_accum
         state.epoch = epoch
         self.train_dl.set_epoch(epoch)  # seedable sampler: the order depends on (seed, epoch)
@@ -278,14 +270,7 @@ class Trainer:
                 break  # tail shorter than one accumulation group: dropped (see drop_last)
             if self.audit is not None:
                 self.audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
-            if self.mixer is not None or recipe.data.augment:
-                x = unit_float(x)  # uint8 images: mixing/augmenting needs the [0, 1] floats
-            if self.mixer is not None:  # draws keyed on (seed, epoch, row): world-size invariant
-                x, y = self.mixer(x, y, idx, epoch)
-            if recipe.data.augment:  # seeded per (step, micro-batch, rank): resumable
-                key = (recipe.seed, state.step, micro % accum, acc.process_index)
-                gen = augment_generator(*key, device=x.device)  # draws on the batch's device
-                x = augment_batch(x, recipe.data.augment, gen)
+            x, y = self.transform(x, y, idx, epoch, micro % accum)  # mixup, augmentation
             boundary = (micro + 1) % accum == 0
             step_rows.append(idx)
             signals.set_phase(f"gradient all-reduce (backward) at step {state.step + 1}")
@@ -299,6 +284,20 @@ class Trainer:
                     break
         self.log.end_epoch()
         return stop
+
+    def transform(self, x, y, idx, epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training-batch transforms, each keyed so that it is world-size invariant and needs no
+        RNG state to resume: mixup/CutMix on (seed, epoch, row), augmentation on (seed, step,
+        micro-batch, rank), drawn on the batch's device."""
+        recipe = self.recipe
+        if self.mixer is not None or recipe.data.augment:
+            x = unit_float(x)  # uint8 images: mixing/augmenting needs the [0, 1] floats
+        if self.mixer is not None:
+            x, y = self.mixer(x, y, idx, epoch)
+        if recipe.data.augment:
+            key = (recipe.seed, self.state.step, micro, self.accelerator.process_index)
+            x = augment_batch(x, recipe.data.augment, augment_generator(*key, device=x.device))
+        return x, y
 
     def after_step(self, out: StepOutput, step_rows: list[torch.Tensor]) -> Stop | None:
         """Bookkeeping at an optimizer-step boundary: schedule, logs, checkpoints, signals."""
@@ -371,12 +370,25 @@ class Trainer:
             return Stop.FINISHED
         return None
 
-    def set_trainable(self, epoch: int) -> list[str]:
+    def set_trainable(self, epoch: int, announce: bool = False) -> list[str]:
         """A freeze schedule's requires_grad / batch-norm state for `epoch` (DDP and the
-        optimizer hold the final set already: model/freeze.py); the names it unfroze."""
+        optimizer hold the final set already: model/freeze.py); the names it unfroze, logged
+        when `announce`."""
         if self.freezing is None or not self.freezing.scheduled:
             return []
-        return self.freezing.apply(self.accelerator.unwrap_model(self.model), epoch)
+        opened = self.freezing.apply(self.accelerator.unwrap_model(self.model), epoch)
+        if opened and announce:
+            self.log.event("unfreeze", epoch=epoch, step=self.state.step, params=len(opened))
+            self.log.info(f"epoch {epoch + 1}: unfroze {len(opened)} tensors ({opened[0]} ...)")
+        return opened
+
+    def report_bad_samples(self, epoch: int) -> None:
+        """data.on_bad_sample skip: the files this rank's workers substituted this epoch; every
+        rank says its own (stderr), rank 0 also into the run's log."""
+        note = bad_sample_note(self.train_dl.dataset)
+        if note:
+            print(f"rank {self.accelerator.process_index}: {note}", file=sys.stderr, flush=True)
+            self.log.event("bad_samples", epoch=epoch, note=note)
 
     def save(self, what: str) -> Path:
         """Collective: the synchronized, atomic full-state save (every rank, same step)."""
