@@ -116,7 +116,9 @@ class Ranks:
     launcher's start-up: ~17 s of CPU per 2-rank launch on this machine, several times the work
     of a small test run. Launchers themselves are tested where they matter (torchrun from a
     user script, accelerate launch configs, SLURM, sweeps, multi-node, one torchrun launch of
-    every shipped recipe); DIST_TRAIN_TEST_LAUNCHER=exec sends every test through them."""
+    every shipped recipe); DIST_TRAIN_TEST_LAUNCHER=exec sends every test through them. What
+    a library reads from the environment only when it is imported (HF_HUB_OFFLINE) needs
+    `cli(..., launcher="exec")`: the forked ranks share the test worker's imports."""
 
     def __init__(self, args: list[str], nproc: int = 1, **extra_env: str) -> None:
         import tempfile
@@ -137,6 +139,11 @@ class Ranks:
         code = 70  # the child: never return into pytest, whatever happens
         try:
             code = _rank_main(self.args, rank, self.nproc, port, self.logs, extra_env)
+        except BaseException:  # in the set-up itself: said in this rank's stderr file
+            import traceback
+
+            with open(self.logs / f"{rank}.err", "a") as err:
+                traceback.print_exc(file=err)
         finally:
             os._exit(code)
 
@@ -202,8 +209,20 @@ def _rank_main(args, rank: int, nproc: int, port: int, logs: Path, extra_env: di
 
     for fd, name in ((1, "out"), (2, "err")):
         os.dup2(os.open(logs / f"{rank}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    old = {id(s): fd for fd, s in ((1, sys.stdout), (1, sys.__stdout__), (2, sys.stderr),
+                                   (2, sys.__stderr__))}  # fmt: skip
     sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    for logger in [logging.root, *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):  # libraries' handlers made at import
+            dynamic = isinstance(getattr(type(handler), "stream", None), property)  # stderr now
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not dynamic
+                and id(handler.stream) in old
+            ):
+                # not setStream: it would flush the test worker's stream from this process
+                handler.stream = sys.stdout if old[id(handler.stream)] == 1 else sys.stderr
     os.environ.clear()
     ranks = torchrun_env(rank, nproc, port) if nproc > 1 else {}
     os.environ.update(env(**ranks, **extra_env))

@@ -259,7 +259,9 @@ def test_hub_id_without_network_exits_2(tmp_path, hf_text):
     recipe = text_recipe(hf_text)
     recipe["model"]["hf"]["pretrained"] = "someone/not-downloadable"
     recipe["data"]["tokenizer"] = str(hf_text / "bert-tiny")
-    r = cli("check", write(tmp_path, recipe), HF_HUB_OFFLINE="1")
+    # a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported, and the
+    # test worker (that cli() would fork from) has imported it already
+    r = cli("check", write(tmp_path, recipe), launcher="exec", HF_HUB_OFFLINE="1")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "model.hf.pretrained `someone/not-downloadable`: cannot load" in r.stderr
     assert "Traceback" not in r.stderr
