@@ -223,8 +223,8 @@ def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, see
     if isinstance(table.x, Pending):  # table columns: fit on the training rows only
         fit_rows = table.x.rows[train_ids.numpy()]
         frame = table.x.frame
-        encoder = TableEncoder.fit(
-            _take(frame, feats, fit_rows, cfg.source),
+        encoder = TableEncoder.fit_batches(
+            _chunks(frame, feats, fit_rows, cfg.source),  # one bounded copy at a time
             feats,
             cfg.missing,
             cfg.categorical,
@@ -238,8 +238,8 @@ def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, see
 
         def encoded(pending: Pending, ids: torch.Tensor | None, what: str) -> torch.Tensor:
             rows = pending.rows if ids is None else pending.rows[ids.numpy()]
-            x = encoder.transform(_take(pending.frame, feats, rows, pending.source), what)
-            line = encoder.last_counts.describe(what)
+            x, counts = _encode_rows(encoder, pending.frame, feats, rows, pending.source, what)
+            line = counts.describe(what)
             if line:
                 notes.append(line)
             return _shaped(torch.from_numpy(x), cfg)
@@ -274,6 +274,33 @@ def _bundle(table: Table, valid, classes, feats: list[str], cfg: DataConfig, see
     return DataBundle(
         train, vtab, tuple(train.x.shape[1:]), classes, feats or [], norm, ttab, encoder, notes
     )
+
+
+TAKE_CHUNK = 32_768  # rows per Arrow take while fitting/encoding: bounds the extra copy
+
+
+def _chunks(frame, names: list[str], rows: np.ndarray, source: str):
+    """`_take` in chunks of TAKE_CHUNK rows: the encoders see every row, while the extra Arrow
+    copy stays one chunk (a whole-split take costs the table again at peak)."""
+    for start in range(0, len(rows), TAKE_CHUNK):
+        yield _take(frame, names, rows[start : start + TAKE_CHUNK], source)
+
+
+def _encode_rows(encoder: TableEncoder, frame, names, rows: np.ndarray, source: str, what: str):
+    """float32 [len(rows), F] of `rows` (data.missing drop already left its rows out of
+    Pending.rows), filled chunk by chunk into one output, and the summed counts."""
+    import pyarrow as pa
+
+    from dist_train.data.columns import Counts
+
+    out, counts, done = np.empty((len(rows), encoder.num_features), np.float32), Counts(), 0
+    for part in _chunks(frame, names, rows, source):
+        x, _, got = encoder.encode(part, what)
+        out[done : done + len(x)] = x
+        done += len(x)
+        counts.add(got)
+    pa.default_memory_pool().release_unused()  # the chunks' buffers, back to the OS
+    return out[:done], counts
 
 
 def _take(frame, names: list[str], rows: np.ndarray, source: str):
