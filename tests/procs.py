@@ -103,10 +103,15 @@ def cli_ranks(args: list[str], nproc: int, timeout: float = 300, **extra_env: st
     """`dist-train ARGS` on `nproc` real processes forked from this one (`Ranks`), run to the
     end. Returns rank 0's then rank 1's... output, and the first non-zero exit code (0 when
     every rank succeeded)."""
+    import shutil
+
     ranks = Ranks(args, nproc, **extra_env)
-    codes = ranks.wait(timeout)
-    failed = [c for c in codes if c != 0]
-    return Result(failed[0] if failed else 0, ranks.stdout(), ranks.stderr())
+    try:
+        codes = ranks.wait(timeout)
+        failed = [c for c in codes if c != 0]
+        return Result(failed[0] if failed else 0, ranks.stdout(), ranks.stderr())
+    finally:
+        shutil.rmtree(ranks.logs, ignore_errors=True)
 
 
 class Ranks:
@@ -223,9 +228,10 @@ def _rank_main(args, rank: int, nproc: int, port: int, logs: Path, extra_env: di
             ):
                 # not setStream: it would flush the test worker's stream from this process
                 handler.stream = sys.stdout if old[id(handler.stream)] == 1 else sys.stderr
-    os.environ.clear()
     ranks = torchrun_env(rank, nproc, port) if nproc > 1 else {}
-    os.environ.update(env(**ranks, **extra_env))
+    environ = env(**ranks, **extra_env)  # the worker's environment (PATH, HOME...) + these
+    os.environ.clear()  # then exactly that: nothing a test set in-process leaks in
+    os.environ.update(environ)
     os.chdir(ROOT)
     logging.root.handlers.clear()  # pytest's capture handlers: records go to stderr again
     warnings.resetwarnings()  # pytest records warnings; a fresh interpreter prints them
