@@ -27,9 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slurm)
-    # tests/slurm first (a stable sort: every other test keeps its order): under xdist the
-    # SLURM unit then starts at once on one worker (pytest_xdist_make_scheduler below).
-    items.sort(key=lambda item: not item.nodeid.startswith(SLURM_DIR))
 
 
 SLURM_DIR = "tests/slurm/"  # every test that uses the cluster lives here (test_layout checks it)
@@ -50,10 +47,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         def _split_scope(self, nodeid: str) -> str:
             return "slurm" if nodeid.startswith(SLURM_DIR) else nodeid.split("::", 1)[0]
 
-    # Units in collection order (not xdist's default, largest first), which puts the SLURM unit
-    # first (pytest_collection_modifyitems): its minutes of waiting on the scheduler's clock
-    # then overlap the other worker's CPU-bound files instead of running on after them.
-    config.option.loadscopereorder = False
     return FilesWithSlurmTogether(config, log)
 
 

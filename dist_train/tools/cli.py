@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from dist_train.cli import leave_process_group
 from dist_train.config.cli import add_recipe_args
-from dist_train.training.cli import leave_process_group
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -35,17 +35,5 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         train(recipe, args.output_dir, restart=args.restart, allow_changed=args.allow_changed)
     except Preempted:
-        leave_process_group()
-        return EXIT_PREEMPTED
-    leave_process_group()
+        return EXIT_PREEMPTED  # cli.main leaves the process group on every path
     return 0
-
-
-def leave_process_group() -> None:
-    """Tear the process group down before the interpreter exits (every rank got here through
-    the same final barrier): left to the atexit order, a gloo rank has been seen to abort with
-    "terminate called without an active exception", turning a finished job into a failure."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
