@@ -171,32 +171,76 @@ class ArrowRows:
     """A `rows.RowSource` over memory-mapped Arrow stream files (datasets' `disk:` files, or
     the cache of parquet/csv/json sources): float32 features of `columns`, reshaped to `shape`
     when given. A fetch gathers each record batch's rows from numpy views of the mapped
-    buffers (Arrow's own `take` on a many-chunk table concatenates whole columns first)."""
+    buffers (Arrow's own `take` on a many-chunk table concatenates whole columns first).
+
+    With an `encoder` (data/columns.py `TableEncoder`, fitted on the training split: strings,
+    categories, gaps under data.missing drop/impute) a fetch gathers the batch's rows as Arrow
+    columns and encodes them, in the worker, exactly as the memory path encodes its table."""
 
     dtype = torch.float32
 
-    def __init__(self, files: list[str], columns: list[str], num_rows: int, shape=None) -> None:
+    def __init__(
+        self, files: list[str], columns: list[str], num_rows: int, shape=None, encoder=None
+    ) -> None:
         self.files, self.columns, self.num_rows = files, columns, num_rows
-        self.input_shape = tuple(shape) if shape else (len(columns),)
+        self.encoder = encoder
+        width = encoder.num_features if encoder is not None else len(columns)
+        self.input_shape = tuple(shape) if shape else (width,)
         self._chunks = None
         self._pid = None
+        self._raw = None  # (pid, record batches) of a source without an encoder (take_table)
 
     def __len__(self) -> int:
         return self.num_rows
 
     def __getstate__(self) -> dict:
         # Workers reopen the files themselves: open Arrow objects are not shipped.
-        return {**self.__dict__, "_chunks": None, "_pid": None}
+        return {**self.__dict__, "_chunks": None, "_pid": None, "_raw": None}
 
     def _open(self):
         """(row offset of each record batch, its columns as numpy views or Arrow arrays)."""
         # Reopened after a fork too: Arrow's memory maps and thread pools are per process.
         if self._chunks is None or self._pid != os.getpid():
             batches = open_arrow(self.files).select(self.columns).to_batches()
-            cols = [_block([_view(c) for c in b.columns]) for b in batches]
+            if self.encoder is None:
+                cols = [_block([_view(c) for c in b.columns]) for b in batches]
+            else:  # encoded per fetch: the record batches themselves
+                cols = batches
             offsets = np.cumsum([0] + [b.num_rows for b in batches])
             self._chunks, self._pid = (offsets, cols), os.getpid()
         return self._chunks
+
+    def batches(self):
+        """(first row id, record batch) of the feature columns, in file order (the scans)."""
+        offsets, _ = self._open()
+        return zip(offsets[:-1].tolist(), self._record_batches(), strict=True)
+
+    def take_table(self, ids: np.ndarray):
+        """The feature columns of rows `ids`, in that order, as one Arrow table: each record
+        batch's rows gathered from it alone (bounded by len(ids), never a whole column)."""
+        import pyarrow as pa
+
+        ids = np.asarray(ids, dtype=np.int64)
+        offsets, _ = self._open()
+        batches = self._record_batches()
+        chunk = np.searchsorted(offsets, ids, side="right") - 1
+        local = ids - offsets[chunk]
+        order = np.argsort(chunk, kind="stable")  # rows grouped by record batch, in order
+        parts = [batches[c].take(pa.array(local[chunk == c])) for c in np.unique(chunk).tolist()]
+        if not parts:
+            return pa.Table.from_batches([], schema=batches[0].schema)
+        grouped = pa.Table.from_batches(parts).combine_chunks()
+        if len(parts) == 1:
+            return grouped
+        return grouped.take(pa.array(np.argsort(order)))  # back to the order of `ids`
+
+    def _record_batches(self) -> list:
+        _, cols = self._open()
+        if self.encoder is not None:
+            return cols
+        if self._raw is None or self._raw[0] != os.getpid():
+            self._raw = (os.getpid(), open_arrow(self.files).select(self.columns).to_batches())
+        return self._raw[1]
 
     def table(self, columns: list[str]):
         """Whole columns (the targets: one small column), without the features."""
@@ -204,6 +248,9 @@ class ArrowRows:
 
     def fetch(self, ids: np.ndarray) -> torch.Tensor:
         ids = np.asarray(ids, dtype=np.int64)
+        if self.encoder is not None:
+            x = torch.from_numpy(self._encoded(ids))
+            return x.reshape(-1, *self.input_shape) if len(self.input_shape) > 1 else x
         offsets, cols = self._open()
         chunk = np.searchsorted(offsets, ids, side="right") - 1
         local = ids - offsets[chunk]
@@ -224,6 +271,19 @@ class ArrowRows:
             )
         x = torch.from_numpy(out)
         return x.reshape(-1, *self.input_shape) if len(self.input_shape) > 1 else x
+
+    def _encoded(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [len(ids), F]: the rows' columns encoded by the fitted encoder. Rows with a
+        gap under data.missing error/drop never reach a fetch (the load scanned for them and
+        left them out of the split's ids), so every row comes back."""
+        x, kept, _ = self.encoder.encode(self.take_table(ids), "data")
+        if len(x) != len(ids):  # a source edited since the load's scan
+            row = int(ids[int(np.argmin(kept))])
+            raise UserError(
+                f"data: row {row} of the source has a missing feature cell it did not have "
+                "when the run started (the file changed since); restart the run."
+            )
+        return x
 
 
 def _view(array):

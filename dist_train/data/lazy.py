@@ -57,21 +57,18 @@ def choose_mode(cfg: DataConfig) -> Mode:
 
 def _lazy_unsupported(cfg: DataConfig, kind: str) -> str | None:
     if kind == "imagefolder":  # data/images.py: files decoded per batch in the workers
+        if cfg.test_source or cfg.test_fraction:
+            return "image folders: data.test_source / data.test_fraction are read in memory"
         return None
     if kind not in LAZY_KINDS:
         return f"{kind}: sources are read into memory (lazy: {', '.join(LAZY_KINDS)})"
-    if cfg.valid_source and cfg.valid_source.partition(":")[0] not in LAZY_KINDS:
-        return f"data.valid_source {cfg.valid_source} cannot be read lazily"
+    for key, other in (("valid_source", cfg.valid_source), ("test_source", cfg.test_source)):
+        if other and other.partition(":")[0] not in LAZY_KINDS:
+            return f"data.{key} {other} cannot be read lazily"
     if cfg.text is not None:
         return "data.text (token rows) is tokenized in memory"
     if cfg.task == "multilabel":
         return "multilabel targets are read in memory"
-    # The column encoders (data/columns.py) and the held-out test split are fitted and applied
-    # on the memory path only, so far.
-    if cfg.categorical or cfg.missing != "error":
-        return "data.categorical / data.missing encode columns in memory"
-    if cfg.test_source or cfg.test_fraction:
-        return "data.test_source / data.test_fraction are read in memory"
     return None
 
 
@@ -133,7 +130,7 @@ def default_workers(cfg: DataConfig) -> Workers:
 
 def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
     """(ArrowRows over `source`, its feature names, all its column names) — files found,
-    csv/json cached once."""
+    csv/json cached once; no encoder yet (`encoded` adds the fitted one)."""
     from dist_train.data import arrow
 
     kind, _, loc = source.partition(":")
@@ -154,16 +151,12 @@ def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
         raise UserError(f"{key} `{source}`: no rows in {len(files)} file(s); add data rows.")
     feats = feats or _feature_names(cfg, names)
     _check_columns(feats, table.schema, source)
-    if cfg.shape and int(np.prod(cfg.shape)) != len(feats):
-        raise UserError(
-            f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
-            f"{len(feats)} features."
-        )
-    return arrow.ArrowRows(files, feats, rows, cfg.shape), feats, names
+    return arrow.ArrowRows(files, feats, rows, None), feats, names
 
 
 def _check_columns(feats: list[str], schema, source: str):
-    """Feature columns exist and are numbers/booleans (from the schema: nothing read)."""
+    """Feature columns exist and are numbers, booleans or strings (categories: one-hot unless
+    data.categorical says codes), from the schema: nothing read."""
     import difflib
 
     import pyarrow as pa
@@ -177,17 +170,159 @@ def _check_columns(feats: list[str], schema, source: str):
                 f"column `{name}` not in {source}; {hint}columns: {', '.join(names[:20])}"
             )
         kind = schema.field(name).type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or kind == pa.bool_()):
+        known = (
+            pa.types.is_integer(kind)
+            or pa.types.is_floating(kind)
+            or kind == pa.bool_()
+            or pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_dictionary(kind)
+        )
+        if not known:  # the memory path's words (columns._kind)
             raise UserError(
-                f"data.features: column `{name}` is not numeric ({kind}) in {source}; the lazy "
-                "path reads numbers only: use data.mode memory (which one-hot encodes "
-                "categories), or leave it out of data.features."
+                f"data.features: column `{name}` of {source} holds {kind} values, neither "
+                "numbers, booleans nor strings; leave it out of data.features (images: "
+                "imagefolder:, text: data.text)."
             )
 
 
+def plain_encoder(rows, cfg: DataConfig):
+    """The encoder of a table of numbers and booleans under data.missing error, from the
+    schema alone (what `Fitter` would learn: no vocabulary, no fill value), so such a table
+    needs no fitting pass and keeps the fast gather; None when a column needs fitting."""
+    import pyarrow as pa
+
+    from dist_train.data.columns import Column, TableEncoder
+
+    if cfg.missing != "error" or cfg.categorical:
+        return None
+    schema = arrow_schema(rows)
+    cols = []
+    for name in rows.columns:
+        kind = schema.field(name).type
+        if kind == pa.bool_():
+            cols.append(Column(name, "bool"))
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            cols.append(Column(name, "number"))
+        else:
+            return None
+    return TableEncoder(cols, "error")
+
+
+def arrow_schema(rows):
+    from dist_train.data.arrow import open_arrow
+
+    return open_arrow(rows.files).schema
+
+
+def encoded(rows, encoder, cfg: DataConfig):
+    """`rows` fetching the encoder's features (a plain encoder: the fast numeric gather),
+    shaped by data.shape (checked against the encoded width, as the memory path does)."""
+    from dist_train.data.arrow import ArrowRows
+
+    plain = all(c.kind in ("number", "bool") for c in encoder.columns)
+    plain = plain and encoder.missing == "error"
+    out = ArrowRows(rows.files, encoder.names, rows.num_rows, None, None if plain else encoder)
+    width = out.input_shape[0]
+    if cfg.shape:
+        if int(np.prod(cfg.shape)) != width:
+            raise UserError(
+                f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
+                f"{width} features."
+            )
+        out.input_shape = tuple(cfg.shape)
+    return out
+
+
+def scan_gaps(rows, cfg: DataConfig, source: str) -> np.ndarray | None:
+    """bool [rows]: rows with a missing feature cell, in one pass over the record batches (as
+    the memory path's `gaps` over the whole table: under data.missing error the first one is a
+    UserError naming its file row); None when nothing needs the scan (impute; a numeric table
+    under error, whose fetch checks each batch)."""
+    from dist_train.data.columns import gaps
+
+    if cfg.missing == "impute" or (cfg.missing == "error" and plain_encoder(rows, cfg)):
+        return None
+    out = np.zeros(len(rows), dtype=bool)
+    for start, batch in rows.batches():
+        end = start + batch.num_rows
+        out[start:end] = gaps(batch, rows.columns, cfg.missing, cfg.categorical, source, start)
+    return out if cfg.missing == "drop" else None
+
+
+def _kept(keep: torch.Tensor, y: torch.Tensor, miss: np.ndarray | None):
+    """(source row ids, targets, rows dropped): the rows the target encoding kept, less those
+    with a missing feature under data.missing drop (as sources._keep)."""
+    kept = np.flatnonzero(keep.numpy()).astype(np.int64)
+    if miss is None:
+        return kept, y, 0
+    present = ~miss[kept]
+    if bool(present.all()):
+        return kept, y, 0
+    return kept[present], y[torch.from_numpy(present)], int((~present).sum())
+
+
+def _gap_cells(table) -> dict[str, int]:
+    """Missing cells per column of an Arrow table: nulls, and NaN in float columns (what
+    the encoders impute)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        count = col.null_count
+        if pa.types.is_floating(col.type):
+            count += int(pc.sum(pc.is_nan(col)).as_py() or 0)
+        out[name] = count
+    return out
+
+
+def _fit(rows, ids: np.ndarray, cfg: DataConfig):
+    """The encoder fitted on the training rows `ids`, in the memory path's order and chunks
+    (sources._chunks: the same float64 sums, so the same fill values), and the training
+    split's counts (cells imputed)."""
+    from dist_train.data.columns import Counts, TableEncoder
+    from dist_train.data.sources import TAKE_CHUNK
+
+    cells = dict.fromkeys(rows.columns, 0)
+
+    def chunks():
+        for start in range(0, len(ids), TAKE_CHUNK):
+            part = rows.take_table(ids[start : start + TAKE_CHUNK])
+            if cfg.missing == "impute":
+                for name, count in _gap_cells(part).items():
+                    cells[name] += count
+            yield part
+
+    encoder = TableEncoder.fit_batches(
+        chunks(), rows.columns, cfg.missing, cfg.categorical, cfg.source
+    )
+    counts = Counts(rows=len(ids), imputed={k: v for k, v in cells.items() if v})
+    return encoder, counts
+
+
+def _counts(table: LazyTable, encoder, what: str):
+    """What encoding a split's rows counts (imputed cells, unseen categories), in chunks;
+    None when the encoder can count neither."""
+    from dist_train.data.columns import Counts
+    from dist_train.data.sources import TAKE_CHUNK
+
+    if encoder.missing != "impute" and all(c.kind != "category" for c in encoder.columns):
+        return None
+    counts = Counts()
+    raw = table.source
+    for start in range(0, len(table.ids), TAKE_CHUNK):
+        part = raw.take_table(table.ids[start : start + TAKE_CHUNK])
+        counts.add(encoder.encode(part, what)[2])
+    return counts
+
+
 def load_lazy(cfg: DataConfig, seed: int, why: str):
-    """The lazy bundle: targets and split in memory, features left in the files."""
-    from dist_train.data.sources import DataBundle, column, encode_targets, split_order
+    """The lazy bundle: targets and split in memory, features left in the files and encoded
+    per fetch by the column encoders fitted on the training split (data/columns.py), with the
+    memory path's row filtering (targets, data.missing drop), split, counts and notes."""
+    from dist_train.data.sources import DataBundle, column, encode_targets, split_rows
 
     if cfg.source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_images
@@ -197,54 +332,123 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
         bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
         return bundle
     rows, feats, _ = open_rows(cfg.source, cfg, "data.source", None)
+    miss = scan_gaps(rows, cfg, cfg.source)
     y_raw = column(rows.table([cfg.target]), cfg.target, cfg.source)
-    valid = None
-    if cfg.valid_source:
-        vrows, _, _ = open_rows(cfg.valid_source, cfg, "data.valid_source", feats)
-        vy_raw = column(vrows.table([cfg.target]), cfg.target, cfg.valid_source)
-        classes, y_all, keep = encode_targets(y_raw, cfg, vy_raw)
-        _, vy, vkeep = encode_targets(vy_raw, cfg, None, classes)
-        valid = LazyTable(vrows, np.flatnonzero(vkeep.numpy()).astype(np.int64), vy)
-        train = LazyTable(rows, np.flatnonzero(keep.numpy()).astype(np.int64), y_all)
-    else:
-        classes, y_all, keep = encode_targets(y_raw, cfg, None)
-        ids = np.flatnonzero(keep.numpy()).astype(np.int64)
-        split_seed = seed if cfg.split_seed is None else cfg.split_seed
-        t, v = split_order(len(y_all), cfg.valid_fraction, split_seed)
-        if v is None:
-            train = LazyTable(rows, ids, y_all)
-        else:
-            train = LazyTable(rows, ids[t.numpy()], y_all[t])
-            valid = LazyTable(rows, ids[v.numpy()], y_all[v])
-    norm = standardize_stats(train.source, train.ids) if cfg.standardize else None
-    bundle = DataBundle(train, valid, rows.input_shape, classes, feats, norm)
+    extra = {}  # data.valid_source / data.test_source: (raw rows, gap mask, raw targets)
+    for key in ("valid_source", "test_source"):
+        other = getattr(cfg, key)
+        if other:
+            orows, _, _ = open_rows(other, cfg, f"data.{key}", feats)
+            ymiss = scan_gaps(orows, cfg, other)
+            extra[key] = (orows, ymiss, column(orows.table([cfg.target]), cfg.target, other))
+    vy_raw = extra["valid_source"][2] if "valid_source" in extra else None
+    classes, y_all, keep = encode_targets(y_raw, cfg, vy_raw)
+    ids, y_all, dropped = _kept(keep, y_all, miss)
+    split_seed = seed if cfg.split_seed is None else cfg.split_seed
+    fraction = 0.0 if cfg.valid_source else cfg.valid_fraction
+    t, v, te = split_rows(len(y_all), fraction, cfg.test_fraction, split_seed)
+    notes = []
+    if dropped:
+        notes.append(
+            f"data.missing drop: {dropped} rows of {cfg.source} left out (a feature cell missing)"
+        )
+    encoder = plain_encoder(rows, cfg)
+    train_counts = None
+    if encoder is None:  # strings, categories, gaps: one chunked pass over the training rows
+        encoder, train_counts = _fit(rows, ids[t.numpy()], cfg)
+    source = encoded(rows, encoder, cfg)
+
+    def part(idx, what):
+        if idx is None:
+            return None
+        table = LazyTable(source, ids[idx.numpy()], y_all[idx])
+        counts = train_counts if what == "train split" else _counts(table, encoder, what)
+        line = counts.describe(what) if counts is not None else None
+        if line:
+            notes.append(line)
+        return table
+
+    train, valid, test = part(t, "train split"), part(v, "valid split"), part(te, "test split")
+    for key, name in (("valid_source", "valid"), ("test_source", "test")):
+        if key not in extra:
+            continue
+        orows, omiss, oy_raw = extra[key]
+        _, oy, okeep = encode_targets(oy_raw, cfg, None, classes)
+        oids, oy, odropped = _kept(okeep, oy, omiss)
+        if odropped:
+            notes.append(f"data.missing drop: {odropped} rows of {getattr(cfg, key)} left out")
+        table = LazyTable(encoded(orows, encoder, cfg), oids, oy)
+        counts = _counts(table, encoder, f"{name} source")
+        line = counts.describe(f"{name} source") if counts is not None else None
+        if line:
+            notes.append(line)
+        valid, test = (table, test) if name == "valid" else (valid, table)
+    if test is not None:
+        where = cfg.test_source or f"data.test_fraction {cfg.test_fraction}"
+        notes.append(f"test: {len(test.y)} held-out rows ({where}), evaluated once after training")
+    norm = None
+    if cfg.standardize:  # on the encoded features, as the memory path
+        norm = standardize_stats(train.source, train.ids)
+        for pos, _ in encoder.code_columns():
+            norm[0][pos], norm[1][pos] = 0.0, 1.0  # category codes stay integers (embedding)
+    bundle = DataBundle(train, valid, source.input_shape, classes, feats, norm, test, encoder)
+    bundle.notes = notes
     bundle.workers = default_workers(cfg)
     bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
     return bundle
 
 
 def load_lazy_table(
-    source: str, cfg: DataConfig, classes: list | None, feats: list[str], require_target: bool
+    source: str,
+    cfg: DataConfig,
+    classes: list | None,
+    feats: list[str],
+    require_target: bool,
+    encoder=None,
 ) -> tuple[LazyTable, bool]:
     """`sources.load_table` (eval/predict `--data`) on the lazy path: every row of `source`
-    in file order (predict writes them in that order), targets encoded with the run's classes;
-    a file without the target column is accepted when `require_target` is False."""
+    in file order (predict writes them in that order), encoded by the run's `encoder` (its
+    columns.json; none: fitted on this file, as the memory path does), targets encoded with
+    the run's classes; a file without the target column is accepted when `require_target` is
+    False. Under data.missing drop the rows with a gap are left out (`rows`: file row
+    numbers); what encoding counted (dropped, imputed, unseen) is the table's `note`."""
+    from dist_train.data.columns import Counts, TableEncoder
     from dist_train.data.sources import column, encode_targets, numeric_target
 
     if source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_image_table
 
         return lazy_image_table(source, cfg, classes, require_target)
-    rows, _, names = open_rows(source, cfg, "--data", feats)
-    every = np.arange(len(rows), dtype=np.int64)
+    names_in = encoder.names if encoder is not None else feats
+    rows, _, names = open_rows(source, cfg, "--data", names_in)
+    if encoder is None:
+        encoder = plain_encoder(rows, cfg) or TableEncoder.fit_batches(
+            (b for _, b in rows.batches()), rows.columns, cfg.missing, cfg.categorical, source
+        )
+    keep_rows, note = np.ones(len(rows), dtype=bool), None
+    plain = all(c.kind in ("number", "bool") for c in encoder.columns)
+    if not (plain and encoder.missing == "error"):  # one pass: gaps (error names the row), counts
+        what, counts = f"--data {source}", Counts()
+        for start, batch in rows.batches():
+            _, kept, got = encoder.encode(batch, what, start)
+            keep_rows[start : start + batch.num_rows] = kept
+            counts.add(got)
+        note = counts.describe(what)
+    rows = encoded(rows, encoder, cfg)
+    every = np.flatnonzero(keep_rows).astype(np.int64)
     if not require_target and cfg.target not in names:
-        return LazyTable(rows, every, torch.zeros(len(rows), dtype=torch.int64)), False
-    y_raw = column(rows.table([cfg.target]), cfg.target, source)
+        table = LazyTable(rows, every, torch.zeros(len(every), dtype=torch.int64))
+        table.rows, table.note = every, note
+        return table, False
+    y_raw = column(rows.table([cfg.target]), cfg.target, source)[every]
     if cfg.task == "regression":
         y = torch.from_numpy(numeric_target(y_raw, cfg).astype(np.float32))
-        return LazyTable(rows, every, y), True
-    _, y, keep = encode_targets(y_raw, cfg, None, classes)
-    return LazyTable(rows, np.flatnonzero(keep.numpy()).astype(np.int64), y), True
+        table = LazyTable(rows, every, y)
+    else:
+        _, y, keep = encode_targets(y_raw, cfg, None, classes)
+        table = LazyTable(rows, every[keep.numpy()], y)
+    table.rows, table.note = table.ids, note
+    return table, True
 
 
 def standardize_stats(source: RowSource, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,8 +44,8 @@ class LazyTable:
     source: RowSource
     ids: np.ndarray  # int64 [N]: source row id of split row i
     y: torch.Tensor  # as sources.Table.y, for the same N rows
-    rows = None  # as sources.Table: no data.missing drop here, so predict's rows are positions
-    note = None  # as sources.Table: no column encoder counts on the lazy path
+    rows: np.ndarray | None = None  # as sources.Table: eval/predict --data file row numbers
+    note: str | None = None  # as sources.Table: what the column encoders counted (printed)
 
     def __len__(self) -> int:
         return len(self.y)

@@ -66,7 +66,7 @@ class DataBundle:
     classes: list | None  # label of each class index; None for regression
     feature_names: list[str] = field(default_factory=list)
     norm: tuple[torch.Tensor, torch.Tensor] | None = None
-    test: Table | None = None  # data.test_source / data.test_fraction: evaluated once at the end
+    test: Table | LazyTable | None = None  # data.test_source / test_fraction: evaluated at the end
     encoder: TableEncoder | None = None  # tabular features: fitted on the training split
     notes: list[str] = field(default_factory=list)  # dropped/imputed/unseen counts (the plan)
     input_names: list[str] | None = None  # data.text: names of the K token rows (data/text.py)
@@ -626,8 +626,9 @@ def load_table(
     data.mode (auto: the size of this file) says lazy."""
     from dist_train.data.lazy import choose_mode, load_lazy_table
 
-    if choose_mode(cfg.model_copy(update={"source": source, "valid_source": None})).mode == "lazy":
-        return load_lazy_table(source, cfg, classes, feature_names, require_target)
+    alone = {"source": source, "valid_source": None, "test_source": None}
+    if choose_mode(cfg.model_copy(update=alone)).mode == "lazy":
+        return load_lazy_table(source, cfg, classes, feature_names, require_target, encoder)
     frame = load_source(source, cfg, key="--data")
     if cfg.text is not None or "__image__" in frame.column_names:
         x = _tokens(frame, cfg, source) if cfg.text is not None else _features(frame, [], cfg)
