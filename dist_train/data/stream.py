@@ -174,9 +174,20 @@ class Stats:
 
 def features(table, feats: list[str], source: str, ids: np.ndarray) -> np.ndarray:
     """float32 [rows, features] of one Arrow chunk; a missing value names its row id."""
+    import pyarrow as pa
+
     x = np.empty((table.num_rows, len(feats)), dtype=np.float32)
     for j, name in enumerate(feats):
-        x[:, j] = table.column(name).to_numpy(zero_copy_only=False)
+        col = table.column(name)
+        kind = col.type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or kind == pa.bool_()):
+            raise UserError(
+                f"data.mode stream: feature `{name}` of {source} holds {kind} values; a stream "
+                "reads numbers and booleans only (string columns are categories, encoded by "
+                "data/columns.py): use data.mode lazy or memory, or leave the column out of "
+                "data.features."
+            )
+        x[:, j] = col.to_numpy(zero_copy_only=False)
     bad = np.isnan(x)
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
