@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from dist_train.cli import leave_process_group
 from dist_train.config.cli import add_recipe_args
 
 
@@ -70,17 +69,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dist_train.tools.predict import run_eval
 
-    code = run_eval(args)
-    leave_process_group()  # eval runs on N ranks like train: leave the group together
-    return code
+    return run_eval(args)  # on N ranks like train: cli.main leaves the process group
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from dist_train.tools.predict import run_predict
 
-    code = run_predict(args)
-    leave_process_group()  # same reason as eval
-    return code
+    return run_predict(args)
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
@@ -97,5 +92,4 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out(recipe.name)
         files = write(result, out, recipe, args.write_override)
         print(report(result, args.recipe, overrides, files), flush=True)
-    leave_process_group()  # every rank ran the same steps: leave the group together
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,12 +95,15 @@ def preempt(args: list[str], run: Path, nproc: int, at_step: int) -> None:
     reached = logged_step(run, at_step)
     if os.environ.get(LAUNCHER_ENV, "fork") == "fork":  # ranks forked from this process
         ranks = Ranks(args, nproc, DIST_TRAIN_AUDIT_SAMPLES="1")
-        deadline = time.monotonic() + 120
-        while not reached() and not ranks.poll() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        ranks.signal(signal.SIGTERM)
-        ranks.wait(120)
-        out = ranks.stdout() + ranks.stderr()
+        try:
+            deadline = time.monotonic() + 120
+            while not reached() and not ranks.poll() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ranks.signal(signal.SIGTERM)
+            ranks.wait(120)
+            out = ranks.stdout() + ranks.stderr()
+        finally:
+            shutil.rmtree(ranks.logs, ignore_errors=True)
         assert "stopped by a signal" in out, out[-3000:]
         return
     cmd = [
