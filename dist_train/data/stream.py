@@ -196,10 +196,9 @@ def features(table, feats: list[str], source: str, ids: np.ndarray) -> np.ndarra
         kind = col.type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or kind == pa.bool_()):
             raise UserError(
-                f"data.mode stream: feature `{name}` of {source} holds {kind} values; a stream "
-                "reads numbers and booleans only (string columns are categories, encoded by "
-                "data/columns.py): use data.mode lazy or memory, or leave the column out of "
-                "data.features."
+                f"data.features: column `{name}` of {source} holds {kind} values in a later "
+                "chunk of the stream, numbers in its first; make the column one type, or list "
+                "it in data.categorical to encode it as a category."
             )
         x[:, j] = col.to_numpy(zero_copy_only=False)
     bad = np.isnan(x)
