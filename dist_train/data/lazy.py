@@ -405,6 +405,7 @@ def load_lazy_table(
     feats: list[str],
     require_target: bool,
     encoder=None,
+    what: str | None = None,
 ) -> tuple[LazyTable, bool]:
     """`sources.load_table` (eval/predict `--data`) on the lazy path: every row of `source`
     in file order (predict writes them in that order), encoded by the run's `encoder` (its
@@ -413,7 +414,7 @@ def load_lazy_table(
     False. Under data.missing drop the rows with a gap are left out (`rows`: file row
     numbers); what encoding counted (dropped, imputed, unseen) is the table's `note`."""
     from dist_train.data.columns import Counts, TableEncoder
-    from dist_train.data.sources import column, encode_targets, numeric_target
+    from dist_train.data.sources import column, counts_note, encode_targets, numeric_target
 
     if source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_image_table
@@ -428,12 +429,12 @@ def load_lazy_table(
     keep_rows, note = np.ones(len(rows), dtype=bool), None
     plain = all(c.kind in ("number", "bool") for c in encoder.columns)
     if not (plain and encoder.missing == "error"):  # one pass: gaps (error names the row), counts
-        what, counts = f"--data {source}", Counts()
+        label, counts = what or f"--data {source}", Counts()
         for start, batch in rows.batches():
-            _, kept, got = encoder.encode(batch, what, start)
+            _, kept, got = encoder.encode(batch, label, start)
             keep_rows[start : start + batch.num_rows] = kept
             counts.add(got)
-        note = counts.describe(what)
+        note = counts_note(counts, source, what)
     rows = encoded(rows, encoder, cfg)
     every = np.flatnonzero(keep_rows).astype(np.int64)
     if not require_target and cfg.target not in names:

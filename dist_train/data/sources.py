@@ -619,16 +619,18 @@ def load_table(
     feature_names: list[str],
     require_target: bool = True,
     encoder: TableEncoder | None = None,
+    what: str | None = None,
 ) -> tuple[Table, bool]:
     """Another file with the recipe's columns and class encoding (eval/predict `--data`), its
     table columns encoded by the run's `encoder` (fitted on the training split). Returns the
     table and whether it had targets (predict accepts files without them); a `LazyTable` when
-    data.mode (auto: the size of this file) says lazy."""
+    data.mode (auto: the size of this file) says lazy. `what` names the table in its note
+    (default `--data SOURCE`; the stream path's `valid source` / `test source`)."""
     from dist_train.data.lazy import choose_mode, load_lazy_table
 
     alone = {"source": source, "valid_source": None, "test_source": None}
     if choose_mode(cfg.model_copy(update=alone)).mode == "lazy":
-        return load_lazy_table(source, cfg, classes, feature_names, require_target, encoder)
+        return load_lazy_table(source, cfg, classes, feature_names, require_target, encoder, what)
     frame = load_source(source, cfg, key="--data")
     if cfg.text is not None or "__image__" in frame.column_names:
         x = _tokens(frame, cfg, source) if cfg.text is not None else _features(frame, [], cfg)
@@ -637,7 +639,7 @@ def load_table(
         encoder = encoder or TableEncoder.fit(frame, feature_names, cfg.missing, cfg.categorical)
         arrow = as_arrow(frame, encoder.names, f"--data {source}")
         x, kept, counts = encoder.encode(arrow, f"--data {source}")
-        rows, note = np.nonzero(kept)[0], counts.describe(f"--data {source}")
+        rows, note = np.nonzero(kept)[0], counts_note(counts, source, what)
         x = _shaped(torch.from_numpy(x), cfg)
     targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
     if not require_target and not set(targets) & set(frame.column_names):
@@ -654,6 +656,20 @@ def load_table(
     _, y, keep = _encode_targets(y_raw, cfg, None, classes)
     keep = keep.numpy()
     return Table(x[torch.from_numpy(keep)], y, rows[keep], note), True
+
+
+def counts_note(counts, source: str, what: str | None) -> str | None:
+    """What encoding a `load_table` file counted: one line `--data SOURCE: ...`, or with `what`
+    (the stream path's `valid source` / `test source`) the lines the memory path's bundle
+    writes for such a source (its data.missing drop line first), joined by newlines."""
+    if what is None:
+        return counts.describe(f"--data {source}")
+    lines = []
+    if counts.dropped:
+        lines.append(f"data.missing drop: {counts.dropped} rows of {source} left out")
+        counts.dropped = 0
+    lines.append(counts.describe(what))
+    return "\n".join(line for line in lines if line) or None
 
 
 # The memory path's readers and target encoding, shared by the lazy path (data/lazy.py,

@@ -32,8 +32,14 @@ would differ from an uninterrupted run.)
 Before training, each process scans the stream once in file order (no shuffle): the row count,
 the targets (one small column kept in memory, as on the lazy path: class list, class weights),
 the standardisation statistics (float64, merged per chunk) and two feature rows for probes.
-Validation is never streamed: `data.valid_source` is read map-style (memory or lazy), so every
-validation row counts exactly once on any number of processes.
+A table with strings, `data.categorical` or `data.missing` drop/impute has its column encoders
+(data/columns.py, the memory path's) fitted in that same scan, on every training row in file
+order, so every process fits the identical encoder; the scan also knows the rows drop leaves
+out (the step count and the dealing count only the kept rows) and takes the statistics of the
+encoded features. Workers encode each chunk with it; it is saved as columns.json for
+eval/predict. Validation and test are never streamed: `data.valid_source` / `data.test_source`
+are read map-style (memory or lazy) and encoded by the training encoders, so every row counts
+exactly once on any number of processes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import numpy as np
 import torch
 
 from dist_train.config.schema import DataConfig
+from dist_train.data.columns import TableEncoder
 from dist_train.data.rows import Workers
 from dist_train.errors import UserError
 
@@ -99,10 +106,12 @@ def check_stream(cfg: DataConfig) -> str:
     if cfg.text is not None or cfg.task == "multilabel":
         what = "data.text" if cfg.text is not None else "multilabel targets"
         raise UserError(f"data.mode stream: {what} are read in memory; {fix}.")
-    if cfg.categorical or cfg.missing != "error" or cfg.test_source or cfg.test_fraction:
+    if cfg.test_fraction:
         raise UserError(
-            "data.mode stream: data.categorical / data.missing / data.test_source / "
-            f"data.test_fraction are fitted and applied in memory (data/columns.py); {fix}."
+            f"data.mode stream: a stream has no random test split (data.test_fraction "
+            f"{cfg.test_fraction}); give data.test_source (read map-style, every row counted "
+            "once, evaluated after training with the best weights), or set data.test_fraction: "
+            "0, or use data.mode lazy or memory."
         )
     if cfg.sampler == "balanced":
         raise UserError(
@@ -155,10 +164,15 @@ class Stats:
         if len(x) == 0:
             return
         x = x.astype(np.float64)
-        n, cm = len(x), x.mean(0)
-        cm2 = ((x - cm) ** 2).sum(0)
+        cm = x.mean(0)
+        self.merge(len(x), cm, ((x - cm) ** 2).sum(0))
+
+    def merge(self, n: int, cm, cm2) -> None:
+        """Add a group of `n` values with mean `cm` and squared deviations `cm2`."""
+        if n == 0:
+            return
         if self.mean is None:
-            self.count, self.mean, self.m2 = n, cm, cm2
+            self.count, self.mean, self.m2 = n, np.asarray(cm, float), np.asarray(cm2, float)
             return
         delta, total = cm - self.mean, self.count + n
         self.mean = self.mean + delta * (n / total)
@@ -182,10 +196,9 @@ def features(table, feats: list[str], source: str, ids: np.ndarray) -> np.ndarra
         kind = col.type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or kind == pa.bool_()):
             raise UserError(
-                f"data.mode stream: feature `{name}` of {source} holds {kind} values; a stream "
-                "reads numbers and booleans only (string columns are categories, encoded by "
-                "data/columns.py): use data.mode lazy or memory, or leave the column out of "
-                "data.features."
+                f"data.features: column `{name}` of {source} holds {kind} values in a later "
+                "chunk of the stream, numbers in its first; make the column one type, or list "
+                "it in data.categorical to encode it as a category."
             )
         x[:, j] = col.to_numpy(zero_copy_only=False)
     bad = np.isnan(x)
@@ -216,6 +229,8 @@ class StreamTable:
     first: torch.Tensor  # two feature rows (probes)
     input_shape: tuple[int, ...]
     num_shards: int
+    encoder: TableEncoder | None = None  # the column encoders (data/columns.py), fitted
+    plain: bool = True  # numbers and booleans under data.missing error: the direct decode
 
     def __len__(self) -> int:
         return len(self.y)
@@ -237,10 +252,127 @@ class StreamTable:
         _, y, keep = encode_targets(y_raw, self.cfg, None, self.classes)
         return y, keep.numpy()
 
+    def rows_of(self, chunk, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """(float32 features, targets, row ids) of the training rows of one Arrow chunk whose
+        rows have ids `ids`: label kept (data.classes) and, under data.missing drop, no
+        missing feature cell; features encoded by the fitted encoder as the memory path
+        encodes them (numbers and booleans under error: decoded directly, NaN named)."""
+        y, keep = self.encode(column_of(chunk, self.target, self.cfg.source))
+        if self.plain:
+            return features(chunk, self.feats, self.cfg.source, ids)[keep], y, ids[keep]
+        where, offset = self.cfg.source, 0
+        if len(ids):
+            where = f"{self.cfg.source} (shard {int(ids[0]) >> SHARD_BITS})"
+            offset = int(ids[0]) & ((1 << SHARD_BITS) - 1)
+        x, kept, _ = self.encoder.encode(chunk.select(self.feats), where, offset)
+        if bool(kept.all()):
+            return x[keep], y, ids[keep]
+        return x[keep[kept]], y[torch.from_numpy(kept[keep])], ids[keep & kept]
+
+
+class _Scan:
+    """The feature scan of a table whose encoders need fitting (strings, data.categorical,
+    data.missing drop/impute), over the training rows in file order: the encoders' counts
+    and sums (`columns.Fitter`), the rows data.missing drop leaves out, the cells impute
+    fills, and the statistics of the ENCODED features without a second pass: per number or
+    boolean column the float64 moments of its present values (an imputed cell is one more
+    value at the fill), per category the count of each value (a one-hot column's mean and
+    variance follow from its count)."""
+
+    def __init__(self, feats: list[str], cfg: DataConfig) -> None:
+        from dist_train.data.columns import Fitter
+
+        self.feats, self.cfg = feats, cfg
+        self.fitter = Fitter(feats, cfg.missing, cfg.categorical, cfg.source)
+        self.moments = {n: Stats() for n in feats}
+        self.filled = dict.fromkeys(feats, 0)  # cells data.missing impute fills
+        self.rows = self.dropped = 0
+        self.present: list[np.ndarray] = []  # per chunk: label-kept rows not dropped
+        self.probe: list = []  # the first two training rows (Arrow)
+
+    def update(self, chunk, keep: np.ndarray, where: str, offset: int) -> None:
+        import pyarrow as pa
+
+        from dist_train.data.columns import _floats, gaps
+        from dist_train.data.lazy import _gap_cells
+
+        cfg = self.cfg
+        part = chunk.select(self.feats)
+        # under error the first gap is a UserError naming its shard row and column
+        miss = gaps(part, self.feats, cfg.missing, cfg.categorical, where, offset)
+        if cfg.missing == "drop":
+            self.present.append(~miss[keep])
+            self.dropped += int((miss & keep).sum())
+            keep = keep & ~miss
+        part = part.filter(pa.array(keep))
+        self.fitter.update(part)
+        self.rows += part.num_rows
+        if sum(t.num_rows for t in self.probe) < 2 and part.num_rows:
+            self.probe.append(part.slice(0, 2))
+        if cfg.missing == "impute":
+            for name, count in _gap_cells(part).items():
+                self.filled[name] += count
+        if not cfg.standardize:
+            return
+        for name in self.feats:
+            if self.fitter.kinds[name] in ("number", "bool"):
+                values = _floats(part.column(name))
+                self.moments[name].add(values[~np.isnan(values)][:, None])
+
+    def norm(self, encoder, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased std of each encoded feature over the training rows (codes: 0/1,
+        as the memory path leaves them)."""
+        n, mean, var = self.rows, [], []
+        for col in encoder.columns:
+            filled = self.filled[col.name] if col.fill is not None else 0
+            if col.kind != "category":
+                stats = self.moments[col.name]
+                stats.merge(filled, np.array([col.fill or 0.0]), np.zeros(1))
+                if stats.mean is None:
+                    mean.append(0.0), var.append(1.0)
+                    continue
+                mean.append(float(stats.mean[0]))
+                var.append(float(stats.m2[0]) / max(stats.count - 1, 1))
+            elif col.encoding == "codes":
+                mean.append(0.0), var.append(1.0)  # category codes stay integers (embedding)
+            else:
+                counts = self.fitter.values[col.name]
+                for value in col.vocab:
+                    c = counts[value] + (filled if value == col.fill else 0)
+                    mean.append(c / n)
+                    var.append(c * (1 - c / n) / max(n - 1, 1))  # c ones, n - c zeros
+        std = np.sqrt(np.asarray(var))
+        m = torch.from_numpy(np.asarray(mean, dtype=np.float32)).view(shape)
+        s = torch.from_numpy(std.astype(np.float32)).view(shape)
+        return m, torch.where(s > 1e-8, s, torch.ones_like(s))
+
+
+def _plain_encoder(chunk, feats: list[str], cfg: DataConfig) -> TableEncoder | None:
+    """The encoder of numbers and booleans under data.missing error from the first chunk's
+    schema (what `Fitter` would learn: no vocabulary, no fill), so such a stream needs no
+    fitting pass; None when a column needs fitting."""
+    import pyarrow as pa
+
+    from dist_train.data.columns import Column
+
+    if cfg.missing != "error" or cfg.categorical:
+        return None
+    cols = []
+    for name in feats:
+        kind = chunk.schema.field(name).type
+        if kind == pa.bool_():
+            cols.append(Column(name, "bool"))
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            cols.append(Column(name, "number"))
+        else:
+            return None
+    return TableEncoder(cols, "error")
+
 
 def load_stream(cfg: DataConfig, seed: int, why: str):
-    """The stream bundle: one scan of the stream (rows, targets, statistics), the validation
-    source read map-style."""
+    """The stream bundle: one scan of the stream (rows, targets, column encoders, statistics),
+    the validation and test sources read map-style and encoded by the training encoders."""
+    from dist_train.data.columns import Counts
     from dist_train.data.lazy import default_workers
     from dist_train.data.sources import DataBundle, column, encode_targets, load_table
 
@@ -255,11 +387,6 @@ def load_stream(cfg: DataConfig, seed: int, why: str):
     for name in [*feats, cfg.target]:
         if name not in names:
             column(_Names(names), name, cfg.source)  # the memory path's "did you mean" error
-    if cfg.shape and int(np.prod(cfg.shape)) != len(feats):
-        raise UserError(
-            f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
-            f"{len(feats)} features."
-        )
     if cfg.standardize and cfg.shape and len(cfg.shape) == 3:
         raise UserError(
             "data.mode stream: per-channel statistics of image rows (data.shape [C, H, W]) are "
@@ -278,51 +405,117 @@ def load_stream(cfg: DataConfig, seed: int, why: str):
     classes = None
     if cfg.task != "regression":
         classes, _, _ = encode_targets(y_raw, cfg, None)
-    shape = tuple(cfg.shape) if cfg.shape else (len(feats),)
     table = StreamTable(
-        src, feats, cfg.target, classes, cfg, torch.zeros(0), torch.zeros(0), shape, ds.num_shards
+        src, feats, cfg.target, classes, cfg, torch.zeros(0), torch.zeros(0), (), ds.num_shards
     )
     table.y, _ = table.encode(y_raw)
     if len(table.y) == 0:
         raise UserError(f"data.source `{cfg.source}`: no rows of data.classes {cfg.classes}.")
-    # Scan 2 (features): statistics over the kept rows, the probe rows, NaN checks.
-    # Without standardisation only the first chunk of each shard is read (checks, probes).
-    stats, first = Stats(), None
-    for i, shard in enumerate(src.shards(ds)):
-        offset = 0
-        for chunk in chunks(shard):
-            ids = (i << SHARD_BITS) + offset + np.arange(chunk.num_rows)
-            offset += chunk.num_rows
-            _, keep = table.encode(column(chunk, cfg.target, cfg.source))
-            x = features(chunk, feats, cfg.source, ids)[keep]
-            if first is None and len(x):
-                first = torch.from_numpy(x[:2].copy())
-            if not cfg.standardize:
-                break
-            stats.add(x)
+    shards = src.shards(ds)
+    head = next(iter(chunks(shards[0])), None)
+    encoder = _plain_encoder(head, feats, cfg) if head is not None else None
+    notes: list[str] = []
+    if encoder is not None:
+        # Scan 2 (numbers/booleans under error): statistics over the kept rows, the probe
+        # rows, NaN checks. Without standardisation only each shard's first chunk is read.
+        stats, first = Stats(), None
+        for i, shard in enumerate(shards):
+            offset = 0
+            for chunk in chunks(shard):
+                ids = (i << SHARD_BITS) + offset + np.arange(chunk.num_rows)
+                offset += chunk.num_rows
+                _, keep = table.encode(column(chunk, cfg.target, cfg.source))
+                x = features(chunk, feats, cfg.source, ids)[keep]
+                if first is None and len(x):
+                    first = torch.from_numpy(x[:2].copy())
+                if not cfg.standardize:
+                    break
+                stats.add(x)
+        shape = _shape(cfg, encoder.num_features)
+        norm = stats.result(shape) if cfg.standardize else None
+    else:
+        # Scan 2 (strings, data.categorical, data.missing drop/impute): the column encoders
+        # are fitted HERE, on every training row in file order (shards in order, chunks in
+        # order, no shuffle), in the same pass that takes the statistics of the encoded
+        # features: every process (and every worker, which receives the fitted encoder) runs
+        # this identical pass, so all hold the identical encoder, dropped rows and statistics.
+        scan = _Scan(feats, cfg)
+        for i, shard in enumerate(shards):
+            offset = 0
+            for chunk in chunks(shard):
+                _, keep = table.encode(column(chunk, cfg.target, cfg.source))
+                scan.update(chunk, keep, f"{cfg.source} (shard {i})", offset)
+                offset += chunk.num_rows
+        encoder = scan.fitter.result()
+        table.plain = False
+        if scan.dropped:  # the steps per epoch and the dealing count the kept rows only
+            table.y = table.y[torch.from_numpy(np.concatenate(scan.present))]
+            notes.append(
+                f"data.missing drop: {scan.dropped} rows of {cfg.source} left out "
+                "(a feature cell missing)"
+            )
+        if not len(table.y):
+            raise UserError(
+                f"data.missing drop: every row of {cfg.source} has a missing feature cell; "
+                "use data.missing impute or fill the file."
+            )
+        line = Counts(rows=scan.rows, imputed={k: v for k, v in scan.filled.items() if v}).describe(
+            "train split"
+        )
+        if line:
+            notes.append(line)
+        import pyarrow as pa
+
+        first = torch.from_numpy(encoder.encode(pa.concat_tables(scan.probe).slice(0, 2))[0])
+        shape = _shape(cfg, encoder.num_features)
+        norm = scan.norm(encoder, shape) if cfg.standardize else None
+    table.encoder, table.input_shape = encoder, shape
     table.first = first.view(-1, *shape)
-    norm = stats.result(shape) if cfg.standardize else None
-    valid = None
-    vwhat = "none (stream: give data.valid_source)"
-    if cfg.valid_source:
-        vcfg = cfg.model_copy(update={"mode": "auto", "streaming": False})
-        valid, _ = load_table(cfg.valid_source, vcfg, classes, feats)
-        vwhat = f"{cfg.valid_source} ({'lazy' if hasattr(valid, 'ids') else 'memory'})"
-    bundle = DataBundle(table, valid, shape, classes, feats, norm)
+    sides = {}
+    for key, name in (("valid_source", "valid"), ("test_source", "test")):
+        other = getattr(cfg, key)
+        if not other:
+            continue
+        # Read map-style (memory or lazy, by this file's size), every row counted once on any
+        # number of processes; encoded by the training encoders (no refit on this file).
+        ocfg = cfg.model_copy(update={"mode": "auto", "streaming": False})
+        otab, _ = load_table(other, ocfg, classes, feats, encoder=encoder, what=f"{name} source")
+        notes += otab.note.split("\n") if otab.note else []
+        sides[name] = (otab, f"{other} ({'lazy' if hasattr(otab, 'ids') else 'memory'})")
+    valid, vwhat = sides.get("valid", (None, "none (stream: give data.valid_source)"))
+    test, twhat = sides.get("test", (None, ""))
+    if test is not None:
+        notes.append(
+            f"test: {len(test.y)} held-out rows ({cfg.test_source}), evaluated once after training"
+        )
+    bundle = DataBundle(table, valid, shape, classes, feats, norm, test, encoder, notes)
     workers = default_workers(cfg)
     # Not persistent: each epoch's iterator sends the dataset (its epoch and skip) to the workers.
     bundle.workers = Workers(
         workers.num_workers, workers.pin_memory, False, workers.prefetch_factor
     )
     buffer = cfg.shuffle_buffer
+    fitted = "" if table.plain else "column encoders fitted in the scan; "
     bundle.plan = (
         f"data: stream ({why}); {cfg.source}: {len(table)} rows in {ds.num_shards} shard(s), "
         f"dealt to ranks by example (every rank and worker reads the whole stream), shuffle "
-        f"buffer {buffer} rows seeded by (seed, epoch); {bundle.workers.describe()}; resume: "
-        f"exact on any number of processes (the epoch's stream is re-read up to the position); "
-        f"validation: {vwhat}"
+        f"buffer {buffer} rows seeded by (seed, epoch); {fitted}{bundle.workers.describe()}; "
+        f"resume: exact on any number of processes (the epoch's stream is re-read up to the "
+        f"position); validation: {vwhat}" + (f"; test: {twhat}" if test is not None else "")
     )
     return bundle
+
+
+def _shape(cfg: DataConfig, width: int) -> tuple[int, ...]:
+    """data.shape, checked against the encoded width (the memory path's words), or (width,)."""
+    if not cfg.shape:
+        return (width,)
+    if int(np.prod(cfg.shape)) != width:
+        raise UserError(
+            f"data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but rows have "
+            f"{width} features."
+        )
+    return tuple(cfg.shape)
 
 
 class _Names:
@@ -387,17 +580,17 @@ class StreamRows(torch.utils.data.IterableDataset):
         return _shuffled(self._rows(shards, order), rng, self.buffer)
 
     def _rows(self, shards, order):
-        t, cfg = self.table, self.table.cfg
+        t = self.table
         for i in order:
             offset = 0
             for chunk in chunks(shards[i]):
                 n = chunk.num_rows
-                y, keep = t.encode(column_of(chunk, t.target, cfg.source))
                 every = (int(i) << SHARD_BITS) + offset + np.arange(n)
                 offset += n
-                # Decoded per chunk (one vectorised copy per column): every reader decodes
-                # the chunk, each keeps its own rows.
-                x, ids = features(chunk, t.feats, cfg.source, every)[keep], every[keep]
+                # Decoded and encoded per chunk (vectorised per column, in the worker): every
+                # reader encodes the chunk, each keeps its own rows. Rows data.missing drop
+                # leaves out never enter the global stream, so the dealing counts kept rows.
+                x, y, ids = t.rows_of(chunk, every)
                 for j in range(len(ids)):
                     yield int(ids[j]), x[j], y[j]
 

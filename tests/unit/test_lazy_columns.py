@@ -261,16 +261,3 @@ def test_lazy_run_is_bitwise_the_memory_run_then_eval_and_predict_reuse_columns_
     assert evals["lazy"]["valid/rows"] == 97
     for key in ("valid/loss", "valid/accuracy"):
         assert evals["lazy"][key] == pytest.approx(evals["memory"][key], abs=1e-6), key
-
-
-def test_stream_refuses_string_columns_naming_lazy(files, tmp_path):
-    """data.mode stream still reads numbers only: a string column is exit 2 with the fix."""
-    recipe = tmp_path / "s.yaml"
-    data = {"source": f"parquet:{files['shards']}", "target": "label", "task": "multiclass"}
-    data |= {"mode": "stream", "valid_fraction": 0, "num_workers": 0}
-    body = {"name": "s", "data": data, "model": {"layers": [{"linear": "out"}]}}
-    body |= {"loss": "cross_entropy", "optimizer": {"name": "sgd", "lr": 0.1}}
-    recipe.write_text(yaml.safe_dump(body | {"train": {"epochs": 1, "batch_size": 8}}))
-    r = cli_here("train", str(recipe), "-o", str(tmp_path / "run"), WANDB_MODE="disabled")
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "feature `city` of" in r.stderr and "use data.mode lazy or memory" in r.stderr
