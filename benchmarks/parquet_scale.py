@@ -187,7 +187,9 @@ class TreeSampler(threading.Thread):
             self.done.wait(0.05)
 
 
-def run_once(folder: Path, info: dict, mode: str, work: Path, steps: int, cold: bool) -> dict:
+def run_once(
+    folder: Path, info: dict, mode: str, work: Path, steps: int, cold: bool, overrides=()
+) -> dict:
     """One fresh `dist-train train` process on `folder`, stopped after `steps` steps."""
     cache = work / f"cache-{folder.name}"
     if cold:
@@ -200,7 +202,7 @@ def run_once(folder: Path, info: dict, mode: str, work: Path, steps: int, cold: 
     cmd = [
         sys.executable, "-c", HOOK.format(mark=str(mark), stop=steps, warm=warm),
         "train", str(path), f"data.cache_dir={cache}", "-o", str(work / "runs" / mode),
-        "--restart",
+        "--restart", *overrides,
     ]  # fmt: skip
     env = os.environ | {"WANDB_MODE": "disabled"}
     t0 = time.time()

@@ -138,20 +138,26 @@ def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
         from dist_train.data.sources import load_source
 
         load_source(source, cfg, key)  # the memory path's KIND:LOCATION error
+    schema = None
     if kind == "parquet":  # each shard copied once into the Arrow cache (arrow.arrow_cache)
         shards = arrow.parquet_files(loc, key)
-        files = [arrow.arrow_cache("parquet", f, cfg, key) for f in shards]
+        schema = arrow.parquet_schema(shards[0], f"{key} `{source}`")  # the footer only
+        feats = feats or _feature_names(cfg, schema.names)
+        _check_columns(feats, schema, source)
+        pack = feats if arrow.packable(schema, feats, cfg) else None  # cached row-major
+        files = [arrow.arrow_cache("parquet", f, cfg, key, pack) for f in shards]
     elif kind == "disk":
         files = arrow.disk_files(loc, cfg.split, f"{key} `{source}`")
     else:
         files = [arrow.arrow_cache(kind, loc, cfg, key)]
     table = arrow.open_arrow(files)  # memory-mapped: reads the schema, not the rows
-    rows, names = table.num_rows, table.column_names
-    if rows == 0:
+    if table.num_rows == 0:
         raise UserError(f"{key} `{source}`: no rows in {len(files)} file(s); add data rows.")
-    feats = feats or _feature_names(cfg, names)
-    _check_columns(feats, table.schema, source)
-    return arrow.ArrowRows(files, feats, rows, None), feats, names
+    if schema is None:  # disk/csv/json: the files hold the source's own columns
+        schema = table.schema
+        feats = feats or _feature_names(cfg, schema.names)
+        _check_columns(feats, schema, source)
+    return arrow.ArrowRows(files, feats, table.num_rows, None), feats, schema.names
 
 
 def _check_columns(feats: list[str], schema, source: str):
@@ -192,10 +198,14 @@ def plain_encoder(rows, cfg: DataConfig):
     needs no fitting pass and keeps the fast gather; None when a column needs fitting."""
     import pyarrow as pa
 
+    from dist_train.data.arrow import packed_kinds
     from dist_train.data.columns import Column, TableEncoder
 
     if cfg.missing != "error" or cfg.categorical:
         return None
+    kinds = packed_kinds(rows.files)  # a packed cache says what it packed
+    if kinds is not None:
+        return TableEncoder([Column(name, kinds[name]) for name in rows.columns], "error")
     schema = arrow_schema(rows)
     cols = []
     for name in rows.columns:

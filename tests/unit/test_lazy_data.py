@@ -272,3 +272,52 @@ def test_mixed_column_types_and_many_record_batches(tmp_path):
         lazy = load_data(_cfg(source, mode="lazy", **kw), seed=0)
         assert torch.equal(_all_rows(lazy.train), memory.train.x), source
         assert torch.equal(_all_rows(lazy.valid), memory.valid.x), source
+
+
+def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_path):
+    """Numbers/booleans under data.missing error: the shard's cache holds the features as one
+    row-major float32 column (the fetch gathers whole rows) and the target as it is; another
+    feature list is another cache file. A NaN there is still reported by the fetch, naming
+    its row. Under data.missing impute the cache keeps the columns the encoders read. A shard
+    lacking a feature column of the first shard is a user error naming that shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dist_train.data.arrow import PACKED, open_arrow, packed_kinds
+
+    rng = np.random.default_rng(3)
+    n = 300
+    x = rng.normal(size=n)
+    x[123] = np.nan
+    b, c = rng.random(n) > 0.5, rng.integers(0, 9, n)
+    table = pa.table({"a": x, "b": b, "c": c, "label": rng.integers(0, 2, n)})
+    (tmp_path / "d").mkdir()
+    pq.write_table(table, tmp_path / "d" / "p.parquet")
+    kw = {"task": "binary", "classes": None, "standardize": False}
+    source = f"parquet:{tmp_path / 'd'}"
+
+    cache = tmp_path / "packed"
+    lazy = load_data(_cfg(source, mode="lazy", cache_dir=str(cache), **kw), seed=0)
+    (cached,) = cache.iterdir()
+    assert open_arrow([str(cached)]).schema.names == ["label", PACKED]
+    assert packed_kinds([str(cached)]) == {"a": "number", "b": "bool", "c": "number"}
+    ids = np.array([5, 0, 299, 17])
+    want = np.stack([x[ids], b[ids], c[ids]], 1)
+    assert torch.equal(lazy.train.source.fetch(ids), torch.from_numpy(want.astype(np.float32)))
+    with pytest.raises(UserError, match="missing/NaN in row 123"):
+        lazy.train.source.fetch(np.array([1, 123]))
+    load_data(_cfg(source, mode="lazy", cache_dir=str(cache), features=["c", "a"], **kw), seed=0)
+    assert len(list(cache.iterdir())) == 2  # the key names the packed columns
+
+    columns = tmp_path / "columns"
+    imputed = load_data(
+        _cfg(source, mode="lazy", cache_dir=str(columns), missing="impute", **kw), seed=0
+    )
+    (cached,) = columns.iterdir()
+    assert PACKED not in open_arrow([str(cached)]).schema.names
+    assert packed_kinds([str(cached)]) is None
+    assert not torch.isnan(imputed.train.source.fetch(imputed.train.ids)).any()
+
+    pq.write_table(table.drop_columns(["b"]), tmp_path / "d" / "q.parquet")
+    with pytest.raises(UserError, match=r"parquet shard .*q\.parquet has no column `b`"):
+        load_data(_cfg(source, mode="lazy", cache_dir=str(cache), **kw), seed=0)
