@@ -7,10 +7,10 @@ first use; nothing open is pickled.
 
 The cache of a parquet shard whose feature columns are all numbers/booleans (under
 data.missing error, no data.categorical: what the fetch reads as float32 anyway) is *packed*:
-the features are stored row-major, as one fixed-size-list column `__rows__` of float32 [F], the
-other columns (the target) as they are. A batch is then one gather of whole rows (256 rows of
-256 features: 256 contiguous KiB) instead of a gather per column (65,536 scattered floats,
-each in its own cache line, most in their own page): measured with
+the features go row-major into one float32 [rows, features] `.npy` beside the Arrow file, which
+keeps the other columns (the target). A batch is then one gather of whole rows from one array
+per shard (256 rows of 256 features: 256 contiguous KiB) instead of a gather per column of
+each record batch (65,536 scattered floats, most in their own page): measured with
 benchmarks/parquet_scale.py on 256-float rows, fetch 1.7 -> 0.1 ms per batch, and the training
 step after it no longer slowed down by the evicted caches (16-26 -> 8-9.5 ms, the memory
 path's).
@@ -130,7 +130,7 @@ def arrow_cache(kind: str, loc: str, cfg, key: str, pack: list[str] | None = Non
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     root = cache_root(cfg)
     out = root / f"{Path(loc).stem}-{digest}.arrow"
-    if out.is_file():
+    if out.is_file() and (not pack or packed_rows_path(out).is_file()):
         return str(out)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
@@ -148,6 +148,8 @@ def arrow_cache(kind: str, loc: str, cfg, key: str, pack: list[str] | None = Non
                 ) from None
         else:
             _text_to_arrow(kind, loc, cfg, key, work, tmp)
+        if pack:  # the rows first: the Arrow file's presence says the cache is complete
+            os.replace(packed_rows_path(tmp), packed_rows_path(out))
         os.replace(tmp, out)  # atomic: a reader never sees a half-written cache
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -175,8 +177,12 @@ def _value_bytes(kind) -> int:
         return 8
 
 
-PACKED = "__rows__"  # a packed cache's feature columns: row-major float32 [rows, features]
 PACKED_KEY = b"dist_train.packed"  # schema metadata: the packed columns' names and kinds
+
+
+def packed_rows_path(arrow_file: str | Path) -> Path:
+    """The row-major float32 features of a packed cache file."""
+    return Path(arrow_file).with_suffix(".rows.npy")
 
 
 def packable(schema, feats: list[str], cfg) -> bool:
@@ -200,28 +206,14 @@ def packed_kinds(files: list[str]) -> dict[str, str] | None:
     return json.loads(meta[PACKED_KEY])["kinds"] if PACKED_KEY in meta else None
 
 
-def _packed_schema(schema, pack: list[str]):
+def _rest_schema(schema, pack: list[str]):
+    """The Arrow file of a packed cache: the columns that are not packed, and what was."""
     import pyarrow as pa
 
     kinds = {n: "bool" if schema.field(n).type == pa.bool_() else "number" for n in pack}
     meta = dict(schema.metadata or {})
     meta[PACKED_KEY] = json.dumps({"features": pack, "kinds": kinds}).encode()
-    rest = [f for f in schema if f.name not in kinds]
-    return pa.schema([*rest, pa.field(PACKED, pa.list_(pa.float32(), len(pack)))], metadata=meta)
-
-
-def _pack(batch, pack: list[str], schema):
-    """One record batch with its `pack` columns as float32 rows: each column converted as the
-    column-wise fetch converts it (numpy's cast into float32; booleans 0/1; a null becomes
-    NaN, which the fetch reports under data.missing error), so both layouts give equal bits."""
-    import pyarrow as pa
-
-    rows = np.empty((batch.num_rows, len(pack)), dtype=np.float32)
-    for j, name in enumerate(pack):
-        rows[:, j] = batch.column(name).to_numpy(zero_copy_only=False)
-    packed = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), len(pack))
-    columns = [batch.column(f.name) for f in schema if f.name != PACKED]
-    return pa.RecordBatch.from_arrays([*columns, packed], schema=schema)
+    return pa.schema([f for f in schema if f.name not in kinds], metadata=meta)
 
 
 def _parquet_to_arrow(loc: str, tmp: Path, pack: list[str] | None = None) -> None:
@@ -229,12 +221,16 @@ def _parquet_to_arrow(loc: str, tmp: Path, pack: list[str] | None = None) -> Non
     `cache_batch_rows`. Measured on a 64 MiB row group (benchmarks/parquet_scale.py): Arrow's
     pool peaks at 162 MiB this way against 343 MiB with `iter_batches`, which holds more than
     a row group; the pool's freed memory is handed back to the OS at the end, so the training
-    process does not keep it (RssAnon 230 -> 89 MiB)."""
+    process does not keep it (RssAnon 230 -> 89 MiB). `pack`: these columns go row-major into
+    `packed_rows_path(tmp)` instead (a memory-mapped .npy filled row group by row group: each
+    column converted as the column-wise fetch converts it, numpy's cast into float32,
+    booleans 0/1, a null NaN, so both layouts give equal bits)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(loc)
     schema, rows = pf.schema_arrow, cache_batch_rows(pf.schema_arrow)
+    packed = None
     if pack:
         absent = [name for name in pack if name not in schema.names]
         if absent:  # shards of one directory with different columns
@@ -242,11 +238,24 @@ def _parquet_to_arrow(loc: str, tmp: Path, pack: list[str] | None = None) -> Non
                 f"parquet shard {loc} has no column `{absent[0]}` (a feature of the first "
                 "shard); every shard of a directory/glob needs the same feature columns."
             )
-        schema = _packed_schema(schema, pack)
+        schema = _rest_schema(schema, pack)
+        shape = (pf.metadata.num_rows, len(pack))
+        packed = np.lib.format.open_memmap(packed_rows_path(tmp), "w+", np.float32, shape)
+    start = 0
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
         for group in range(pf.num_row_groups):
-            for batch in pf.read_row_group(group).to_batches(max_chunksize=rows):
-                w.write_batch(_pack(batch, pack, schema) if pack else batch)
+            table = pf.read_row_group(group)
+            if packed is not None:
+                block = packed[start : start + table.num_rows]
+                for j, name in enumerate(pack):
+                    block[:, j] = table.column(name).to_numpy(zero_copy_only=False)
+                start += table.num_rows
+                table = table.select(schema.names)
+            for batch in table.to_batches(max_chunksize=rows):
+                w.write_batch(batch)
+    if packed is not None:
+        packed.flush()
+        del packed
     pa.default_memory_pool().release_unused()
 
 
@@ -300,6 +309,7 @@ class ArrowRows:
         self._chunks = None
         self._pid = None
         self._raw = None  # (pid, record batches) of a source without an encoder (take_table)
+        self._packed = False  # the files are packed caches (set when opened)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -313,14 +323,17 @@ class ArrowRows:
         # Reopened after a fork too: Arrow's memory maps and thread pools are per process.
         if self._chunks is None or self._pid != os.getpid():
             table = open_arrow(self.files)
-            if PACKED in table.schema.names:  # [rows, features] views: one gather of rows
-                packed = json.loads(table.schema.metadata[PACKED_KEY])["features"]
+            meta = table.schema.metadata or {}
+            self._packed = PACKED_KEY in meta
+            if self._packed:  # one [rows, features] array per file: one gather of rows
+                packed = json.loads(meta[PACKED_KEY])["features"]
                 if packed != self.columns:  # the cache key names its columns: cannot differ
                     raise RuntimeError(f"packed cache holds {packed}, not {self.columns}")
-                batches = table.select([PACKED]).to_batches()
-                width = len(self.columns)
-                cols = [_rows_view(b.column(0), width) for b in batches]
-            elif self.encoder is None:
+                cols = [np.load(packed_rows_path(f), mmap_mode="r") for f in self.files]
+                offsets = np.cumsum([0] + [len(c) for c in cols])
+                self._chunks, self._pid = (offsets, cols), os.getpid()
+                return self._chunks
+            if self.encoder is None:
                 batches = table.select(self.columns).to_batches()
                 cols = [_block([_view(c) for c in b.columns]) for b in batches]
             else:  # encoded per fetch: the record batches themselves
@@ -378,7 +391,7 @@ class ArrowRows:
         for c in np.unique(chunk):  # the record batches this batch touches
             sel = np.flatnonzero(chunk == c)
             rows = local[sel]
-            if isinstance(cols[c], _Rows):  # packed [rows, features]: whole rows
+            if self._packed:  # [rows, features] of one file: whole rows
                 out[sel] = cols[c][rows]
                 continue
             if isinstance(cols[c], np.ndarray):  # [features, rows] view: one gather
@@ -449,24 +462,6 @@ class _Block(np.ndarray):
 
     def __array_finalize__(self, obj) -> None:
         self.keep = getattr(obj, "keep", None)
-
-
-class _Rows(np.ndarray):
-    """A packed record batch's [rows, features] float32 view of the mapped file, keeping the
-    Arrow array (and so the memory map) alive as long as the view."""
-
-    def __new__(cls, rows: np.ndarray, array):
-        obj = rows.view(cls)
-        obj.keep = array
-        return obj
-
-    def __array_finalize__(self, obj) -> None:
-        self.keep = getattr(obj, "keep", None)
-
-
-def _rows_view(array, width: int) -> _Rows:
-    values = array.flatten()  # the list values of this slice (offset-aware), zero-copy
-    return _Rows(values.to_numpy(zero_copy_only=True).reshape(-1, width), values)
 
 
 def _take(array, rows: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ accelerate still shards it, seeds its sampler and evens out the last round for t
 from __future__ import annotations
 
 import torch
-from torch.utils.data import BatchSampler, SequentialSampler
+from torch.utils.data import BatchSampler, Sampler, SequentialSampler
 
 from dist_train.data.balance import BalancedSampler
 from dist_train.data.rows import LazyRows, LazyTable, Workers
@@ -116,6 +116,38 @@ def index_batches(batch_sampler):
         sampler.set_epoch(sampler.epoch + 1)  # as its __iter__ does once exhausted
 
 
+class ShuffledRows(Sampler[int]):
+    """The lazy path's shuffle: exactly accelerate's SeedableRandomSampler order for the same
+    seed (`torch.randperm(n)` from a generator seeded with seed + epoch), handed out in 64k
+    chunks instead of one Python list of all n row ids (RandomSampler's `.tolist()`: ~36
+    bytes per row, 190 MiB per process for 5.2M rows, the bulk of what a lazy table's memory
+    grew by with its row count); 8 bytes per row remain, the permutation tensor.
+
+    A sampler of its own, so accelerate does not swap it for its seedable one; like that one,
+    and like `BalancedSampler`, it follows `set_epoch` and is cut into per-rank batches by
+    accelerate's BatchSamplerShard, so 1 and N processes and a mid-epoch resume see the
+    memory path's rows in its order (tested bitwise against it)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        )
+        for chunk in order.split(self.CHUNK):
+            yield from chunk.tolist()
+        self.epoch += 1  # as SeedableRandomSampler once exhausted (set_epoch overrides it)
+
+
 def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Identity collate: `__getitems__` already returns the stacked batch."""
     return batch
@@ -133,9 +165,10 @@ def make_loader(
     """`balanced` (training, `data.sampler: balanced`): rows drawn by `BalancedSampler`, which
     accelerate shards like the seedable shuffle (a sampler it does not replace).
 
-    A `LazyTable` gets the same sampler, generator and batching over `LazyRows`: the DataLoader
-    hands each worker one batch's index list and the worker fetches it with `__getitems__`, so
-    the rows and their order are those of the memory path; `workers` sets the worker pool."""
+    A `LazyTable` gets the same order (`ShuffledRows`: accelerate's seedable permutation,
+    without its list of every row id) and batching over `LazyRows`: the DataLoader hands each
+    worker one batch's index list and the worker fetches it with `__getitems__`, so the rows
+    and their order are those of the memory path; `workers` sets the worker pool."""
     if not isinstance(table, Table | LazyTable):  # a stream (data/stream.py) has no row access
         from dist_train.errors import UserError
 
@@ -143,8 +176,12 @@ def make_loader(
             "this command reads rows by index; data.mode stream trains only (set data.mode "
             "lazy or memory for it)."
         )
-    sampler = BalancedSampler(table.y, seed) if balanced else None
     lazy = isinstance(table, LazyTable)
+    sampler = None
+    if balanced:
+        sampler = BalancedSampler(table.y, seed)
+    elif lazy and shuffle:
+        sampler = ShuffledRows(len(table), seed)
     extra = (workers or Workers()).loader_kwargs() if lazy else {}
     # An own generator: DataLoader otherwise draws its worker base seed from the GLOBAL RNG
     # each time an epoch's iterator is created, shifting dropout masks after a mid-epoch resume.

@@ -95,7 +95,7 @@ def test_pixel_stats_do_not_depend_on_batching():
 
 def _epoch(table, workers: int, epoch: int = 1):
     loader = make_loader(table, 8, True, True, seed=5, workers=Workers(num_workers=workers))
-    loader.sampler.generator.manual_seed(5 + epoch)  # a given epoch's seeded order
+    loader.sampler.set_epoch(epoch)  # a given epoch's seeded order (loaders.ShuffledRows)
     return [tuple(t.clone() for t in batch) for batch in loader]
 
 

@@ -283,7 +283,7 @@ def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dist_train.data.arrow import PACKED, open_arrow, packed_kinds
+    from dist_train.data.arrow import open_arrow, packed_kinds, packed_rows_path
 
     rng = np.random.default_rng(3)
     n = 300
@@ -298,8 +298,9 @@ def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_p
 
     cache = tmp_path / "packed"
     lazy = load_data(_cfg(source, mode="lazy", cache_dir=str(cache), **kw), seed=0)
-    (cached,) = cache.iterdir()
-    assert open_arrow([str(cached)]).schema.names == ["label", PACKED]
+    cached, rows = sorted(cache.iterdir())  # x.arrow, x.rows.npy
+    assert rows == packed_rows_path(cached) and np.load(rows).shape == (n, 3)
+    assert open_arrow([str(cached)]).schema.names == ["label"]
     assert packed_kinds([str(cached)]) == {"a": "number", "b": "bool", "c": "number"}
     ids = np.array([5, 0, 299, 17])
     want = np.stack([x[ids], b[ids], c[ids]], 1)
@@ -307,14 +308,14 @@ def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_p
     with pytest.raises(UserError, match="missing/NaN in row 123"):
         lazy.train.source.fetch(np.array([1, 123]))
     load_data(_cfg(source, mode="lazy", cache_dir=str(cache), features=["c", "a"], **kw), seed=0)
-    assert len(list(cache.iterdir())) == 2  # the key names the packed columns
+    assert len(list(cache.iterdir())) == 4  # the key names the packed columns
 
     columns = tmp_path / "columns"
     imputed = load_data(
         _cfg(source, mode="lazy", cache_dir=str(columns), missing="impute", **kw), seed=0
     )
     (cached,) = columns.iterdir()
-    assert PACKED not in open_arrow([str(cached)]).schema.names
+    assert "a" in open_arrow([str(cached)]).schema.names
     assert packed_kinds([str(cached)]) is None
     assert not torch.isnan(imputed.train.source.fetch(imputed.train.ids)).any()
 

@@ -26,6 +26,13 @@ class ArraySource:
 
 
 def test_lazy_loader_gives_the_memory_loaders_batches_with_workers():
+    """Both prepared by accelerate as training prepares them (its seedable sampler for the
+    memory table, `ShuffledRows` for the lazy one), over two epochs and a resume skip."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    acc = Accelerator(
+        cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3)
+    )
     x = np.arange(60, dtype=np.float32).reshape(20, 3)
     ids = np.array([5, 3, 19, 0, 7, 11, 2, 14, 9, 1, 4], dtype=np.int64)  # a split's rows
     y = torch.arange(len(ids))
@@ -33,11 +40,22 @@ def test_lazy_loader_gives_the_memory_loaders_batches_with_workers():
     memory = Table(torch.from_numpy(x[ids]), y)
     assert torch.equal(lazy.head(2), memory.head(2)) and len(lazy) == len(memory) == 11
     workers = Workers(num_workers=2, persistent_workers=True, prefetch_factor=2)
-    got = list(make_loader(lazy, 4, True, True, seed=3, workers=workers))
-    want = list(make_loader(memory, 4, True, True, seed=3))
-    assert len(got) == len(want) == 2
-    for (gx, gy, gi), (wx, wy, wi) in zip(got, want, strict=True):
-        assert torch.equal(gx, wx) and torch.equal(gy, wy) and torch.equal(gi, wi)
+    lazy_dl = acc.prepare(make_loader(lazy, 4, True, True, seed=3, workers=workers))
+    memory_dl = acc.prepare(make_loader(memory, 4, True, True, seed=3))
+    seen = []
+    for epoch in (0, 1):
+        lazy_dl.set_epoch(epoch)
+        memory_dl.set_epoch(epoch)
+        got, want = list(lazy_dl), list(memory_dl)
+        assert len(got) == len(want) == 2
+        for (gx, gy, gi), (wx, wy, wi) in zip(got, want, strict=True):
+            assert torch.equal(gx, wx) and torch.equal(gy, wy) and torch.equal(gi, wi)
+        seen.append(torch.cat([gi for _, _, gi in got]))
+    assert not torch.equal(seen[0], seen[1])  # each epoch its own order
+    skipped = acc.skip_first_batches(lazy_dl, 1)
+    skipped.set_epoch(1)
+    (rest,) = list(skipped)
+    assert torch.equal(rest[2], seen[1][4:])
 
 
 EXIT_WITH_LIVE_WORKERS = """
@@ -76,3 +94,23 @@ def test_a_live_worker_pool_does_not_hang_the_interpreter_exit(tmp_path):
         env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 0 and "read one batch" in r.stdout, r.stderr[-2000:]
+
+
+def test_shuffled_rows_is_the_seedable_samplers_order_without_its_list(monkeypatch):
+    """The lazy path's sampler hands out accelerate's seedable permutation for (seed, epoch),
+    in chunks (here 7 rows: chunk borders anywhere), follows set_epoch, and advances the epoch
+    once exhausted exactly as SeedableRandomSampler does."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    from dist_train.data.loaders import ShuffledRows
+
+    monkeypatch.setattr(ShuffledRows, "CHUNK", 7)
+    n, seed = 103, 11
+    ours, theirs = ShuffledRows(n, seed), SeedableRandomSampler(range(n), data_seed=seed)
+    for epoch in (0, 3):
+        ours.set_epoch(epoch)
+        theirs.set_epoch(epoch)
+        got, want = list(ours), list(theirs)
+        assert got == want and sorted(got) == list(range(n))
+        assert list(ours) == list(theirs) != want  # both moved on to epoch + 1
+    assert len(ours) == n
