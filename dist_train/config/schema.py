@@ -234,7 +234,7 @@ class DataConfig(Strict):
         None,
         ge=0,
         description="lazy: DataLoader worker processes per training process (default: cores "
-        "per process - 1, at most 8; 0 with 1 core per process)",
+        "per process - 1, at most 8; 0 with 1 core per process, and for tables with 2)",
     )
     pin_memory: bool | None = Field(
         None, description="lazy: page-locked batches (default: on with a CUDA device)"

@@ -117,13 +117,19 @@ def _feature_names(cfg: DataConfig, names: list[str]) -> list[str]:
     return cfg.features or [c for c in names if c not in targets]
 
 
-def default_workers(cfg: DataConfig) -> Workers:
+def default_workers(cfg: DataConfig, decode: bool = False) -> Workers:
     """Cores per process (this process's CPU affinity / processes on the node): one is the
-    training process's own, the rest fetch (at most 8); 1 core per process: no workers."""
+    training process's own, the rest fetch (at most 8); 1 core per process: no workers.
+    Tables (not `decode`: images) with 2 cores per process get none either: a gather of rows
+    from the Arrow cache is ~0.1 ms per batch, and a worker process competes with the step's
+    threads for the 2 cores (measured, benchmarks/parquet_scale.py, 256-float rows, batch 256:
+    26k samples/s without a worker, 15k with one). Decoding images is the work workers exist
+    for."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     per = max((cores or 1) // local, 1)
-    n = cfg.num_workers if cfg.num_workers is not None else min(per - 1, 8)
+    default = min(per - 1, 8) if decode or per > 2 else 0
+    n = cfg.num_workers if cfg.num_workers is not None else default
     pin = cfg.pin_memory if cfg.pin_memory is not None else torch.cuda.is_available()
     return Workers(n, pin, cfg.persistent_workers and n > 0, cfg.prefetch_factor if n else None)
 
@@ -337,8 +343,8 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
     if cfg.source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_images
 
-        bundle = lazy_images(cfg, seed, default_workers(cfg).num_workers)
-        bundle.workers = default_workers(cfg)
+        bundle = lazy_images(cfg, seed, default_workers(cfg, decode=True).num_workers)
+        bundle.workers = default_workers(cfg, decode=True)
         bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
         return bundle
     rows, feats, _ = open_rows(cfg.source, cfg, "data.source", None)

@@ -392,7 +392,7 @@ def load_source(source: str, cfg: DataConfig, key: str = "data.source"):
         from dist_train.data.images import load_imagefolder
         from dist_train.data.lazy import default_workers
 
-        workers = default_workers(cfg).num_workers  # decoded in parallel, as lazily
+        workers = default_workers(cfg, decode=True).num_workers  # decoded in parallel, as lazily
         return load_imagefolder(loc, cfg, f"{key} `{source}`", workers)
     if kind == "hub":
         import datasets

@@ -240,8 +240,11 @@ def test_worker_defaults_follow_the_cores_per_process(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     w = default_workers(_cfg("parquet:x", num_workers=None))
     assert (w.num_workers, w.persistent_workers, w.prefetch_factor) == (3, True, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 2 cores per process: tables fetch inline,
+    assert default_workers(_cfg("parquet:x", num_workers=None)).num_workers == 0
+    assert default_workers(_cfg("i:x", num_workers=None), decode=True).num_workers == 1  # images
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    w = default_workers(_cfg("parquet:x", num_workers=None))
+    w = default_workers(_cfg("parquet:x", num_workers=None), decode=True)
     assert (w.num_workers, w.persistent_workers, w.prefetch_factor) == (0, False, None)
     assert default_workers(_cfg("parquet:x", num_workers=5)).num_workers == 5
 
