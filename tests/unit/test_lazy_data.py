@@ -310,6 +310,11 @@ def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_p
     assert torch.equal(lazy.train.source.fetch(ids), torch.from_numpy(want.astype(np.float32)))
     with pytest.raises(UserError, match="missing/NaN in row 123"):
         lazy.train.source.fetch(np.array([1, 123]))
+    with open(rows, "r+b") as f:  # a cache cut short under a running job: named, exit 2
+        f.truncate(rows.stat().st_size - 12)
+    fresh = load_data(_cfg(source, mode="lazy", cache_dir=str(cache), **kw), seed=0)
+    with pytest.raises(UserError, match=r"rows\.npy is shorter than its header says"):
+        fresh.train.source.fetch(np.array([n - 1]))
     load_data(_cfg(source, mode="lazy", cache_dir=str(cache), features=["c", "a"], **kw), seed=0)
     assert len(list(cache.iterdir())) == 4  # the key names the packed columns
 
