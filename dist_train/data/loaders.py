@@ -121,7 +121,8 @@ class ShuffledRows(Sampler[int]):
     seed (`torch.randperm(n)` from a generator seeded with seed + epoch), handed out in 64k
     chunks instead of one Python list of all n row ids (RandomSampler's `.tolist()`: ~36
     bytes per row, 190 MiB per process for 5.2M rows, the bulk of what a lazy table's memory
-    grew by with its row count); 8 bytes per row remain, the permutation tensor.
+    grew by with its row count); 4 bytes per row remain, the permutation as int32 (torch draws
+    the same permutation for either integer type: tested against the sampler).
 
     A sampler of its own, so accelerate does not swap it for its seedable one; like that one,
     and like `BalancedSampler`, it follows `set_epoch` and is cut into per-rank batches by
@@ -132,6 +133,7 @@ class ShuffledRows(Sampler[int]):
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
+        self.dtype = torch.int32 if n < 2**31 else torch.int64
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -140,9 +142,8 @@ class ShuffledRows(Sampler[int]):
         return self.n
 
     def __iter__(self):
-        order = torch.randperm(
-            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        )
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=gen, dtype=self.dtype)
         for chunk in order.split(self.CHUNK):
             yield from chunk.tolist()
         self.epoch += 1  # as SeedableRandomSampler once exhausted (set_epoch overrides it)

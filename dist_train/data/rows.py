@@ -42,10 +42,16 @@ class LazyTable:
     their targets, in memory; features come from `source` on demand."""
 
     source: RowSource
-    ids: np.ndarray  # int64 [N]: source row id of split row i
+    ids: np.ndarray  # int32 (int64 past 2^31 rows) [N]: source row id of split row i
     y: torch.Tensor  # as sources.Table.y, for the same N rows
     rows: np.ndarray | None = None  # as sources.Table: eval/predict --data file row numbers
     note: str | None = None  # as sources.Table: what the column encoders counted (printed)
+
+    def __post_init__(self) -> None:
+        # 4 bytes a row, not 8 (under 2^31 source rows): with its target and its place in the
+        # epoch's permutation, what a lazy table holds per row; a fetch widens a batch's ids.
+        if self.ids.dtype != np.int32 and (len(self.ids) == 0 or int(self.ids.max()) < 2**31):
+            self.ids = self.ids.astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.y)

@@ -114,3 +114,5 @@ def test_shuffled_rows_is_the_seedable_samplers_order_without_its_list(monkeypat
         assert got == want and sorted(got) == list(range(n))
         assert list(ours) == list(theirs) != want  # both moved on to epoch + 1
     assert len(ours) == n
+    big = ShuffledRows(200_003, seed)  # int32 draws: the int64 permutation, at any size
+    assert list(big) == list(SeedableRandomSampler(range(200_003), data_seed=seed))
