@@ -526,6 +526,18 @@ def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
         classes = _class_list(y, cfg, extra)
         if cfg.classes is not None:
             _check_classes_present(y, cfg)
+    codes = _integer_codes(y, classes)
+    if codes is not None:  # integer labels and classes: no Python object per row (below)
+        if cfg.classes is not None:
+            keep = codes >= 0
+        outside = keep & (codes < 0)
+        if outside.any():
+            row = int(outside.argmax())
+            raise UserError(
+                f"data.target `{cfg.target}`: row {row} has label {y[row].item()!r} outside "
+                f"the {len(classes)} classes {classes[:10]}; fix the label or data.num_classes."
+            )
+        return classes, torch.from_numpy(codes[keep].astype(np.int64)), torch.from_numpy(keep)
     if cfg.classes is not None:
         # A set, not np.isin: np.isin would cast 'cat' to the labels' integer dtype and fail.
         wanted = set(classes)
@@ -542,11 +554,26 @@ def _encode_targets(y: np.ndarray, cfg: DataConfig, extra, classes=None):
     return classes, torch.from_numpy(enc), torch.from_numpy(keep)
 
 
+def _integer_codes(y: np.ndarray, classes: list) -> np.ndarray | None:
+    """Each integer label's position in `classes` (-1: not a class), vectorised; None unless
+    labels and classes are all integers. The per-row Python path below builds lists of every
+    label (`tolist`: ~36 bytes and ~0.1 us a row, 190 MiB transient for 5.2M rows on the lazy
+    path, whose memory is otherwise 16 bytes a row)."""
+    if y.dtype.kind not in "iu" or not classes:
+        return None
+    if not all(isinstance(c, int | np.integer) and not isinstance(c, bool) for c in classes):
+        return None
+    values = np.asarray(classes, dtype=np.int64)
+    order = np.argsort(values, kind="stable")
+    pos = np.minimum(np.searchsorted(values[order], y), len(values) - 1)
+    return np.where(values[order][pos] == y, order[pos], -1)
+
+
 def _check_classes_present(y: np.ndarray, cfg: DataConfig) -> None:
     """Every label in `data.classes` must occur in the training source: otherwise the filter
     silently drops those rows (all of them, if none matches) and the run fails later, far from
     the cause."""
-    present = set(y.tolist())
+    present = set((np.unique(y) if y.dtype.kind in "iub" else y).tolist())
     missing = [c for c in cfg.classes if c not in present]
     if missing:
         shown = sorted(present, key=lambda v: (str(type(v)), v))
@@ -564,7 +591,11 @@ def _class_list(y: np.ndarray, cfg: DataConfig, extra) -> list:
         return list(cfg.classes)
     if cfg.num_classes and y.dtype.kind in "iu":
         return list(range(cfg.num_classes))
-    seen = set(y.tolist()) | (set(extra.tolist()) if extra is not None else set())
+
+    def labels(v: np.ndarray) -> set:  # numbers: their distinct values, not a list of all
+        return set((np.unique(v) if v.dtype.kind in "iub" else v).tolist())
+
+    seen = labels(y) | (labels(extra) if extra is not None else set())
     classes = sorted(seen, key=lambda v: (str(type(v)), v))
     want = 2 if cfg.task == "binary" else cfg.num_classes
     if want and len(classes) != want:
