@@ -269,7 +269,8 @@ def scan_gaps(rows, cfg: DataConfig, source: str) -> np.ndarray | None:
 def _kept(keep: torch.Tensor, y: torch.Tensor, miss: np.ndarray | None):
     """(source row ids, targets, rows dropped): the rows the target encoding kept, less those
     with a missing feature under data.missing drop (as sources._keep)."""
-    kept = np.flatnonzero(keep.numpy()).astype(np.int64)
+    # int32 under 2^31 rows: the ids are held for the whole run (rows.LazyTable)
+    kept = np.flatnonzero(keep.numpy()).astype(np.int32 if len(keep) < 2**31 else np.int64)
     if miss is None:
         return kept, y, 0
     present = ~miss[kept]
@@ -359,7 +360,9 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
             extra[key] = (orows, ymiss, column(orows.table([cfg.target]), cfg.target, other))
     vy_raw = extra["valid_source"][2] if "valid_source" in extra else None
     classes, y_all, keep = encode_targets(y_raw, cfg, vy_raw)
+    del y_raw  # 8 bytes a row; the peak of loading is what a lazy run's memory grows by
     ids, y_all, dropped = _kept(keep, y_all, miss)
+    del keep, miss
     split_seed = seed if cfg.split_seed is None else cfg.split_seed
     fraction = 0.0 if cfg.valid_source else cfg.valid_fraction
     t, v, te = split_rows(len(y_all), fraction, cfg.test_fraction, split_seed)
