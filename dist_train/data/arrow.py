@@ -8,12 +8,11 @@ first use; nothing open is pickled.
 The cache of a parquet shard whose feature columns are all numbers/booleans (under
 data.missing error, no data.categorical: what the fetch reads as float32 anyway) is *packed*:
 the features go row-major into one float32 [rows, features] `.npy` beside the Arrow file, which
-keeps the other columns (the target). A batch is then one gather of whole rows from one array
-per shard (256 rows of 256 features: 256 contiguous KiB) instead of a gather per column of
-each record batch (65,536 scattered floats, most in their own page): measured with
-benchmarks/parquet_scale.py on 256-float rows, fetch 1.7 -> 0.1 ms per batch, and the training
-step after it no longer slowed down by the evicted caches (16-26 -> 8-9.5 ms, the memory
-path's).
+keeps the other columns (the target). A batch is then its rows read whole (`PackedRows`: 256
+rows of 256 features are 256 reads of 1 KiB) instead of a gather per column of each record
+batch (65,536 scattered floats, most in their own page): measured with
+benchmarks/parquet_scale.py on 256-float rows, 1.7 ms -> ~0.5 ms per batch, and the training
+step after it no longer slowed down by evicted caches (16-26 -> 8-9.5 ms, the memory path's).
 """
 
 from __future__ import annotations
