@@ -271,7 +271,7 @@ class Fitter:
                 strings = _strings(arr)
                 self.values[name].update(v for v in strings.to_pylist() if v is not None)
             else:
-                values = _floats(arr)
+                values = float_values(arr)
                 present = values[~np.isnan(values)]
                 self.sums[name] += float(present.sum(dtype=np.float64))
                 self.counts[name] += len(present)
@@ -394,7 +394,7 @@ def _kind(kind, name: str, source: str) -> str:
     )
 
 
-def _floats(arr) -> np.ndarray:
+def float_values(arr) -> np.ndarray:
     """Float numpy of a number/bool/null column, nulls as NaN: float32/64 columns as they are
     (no cast), anything else as float64 (unchecked, as numpy would: huge ints round)."""
     import pyarrow as pa
@@ -420,7 +420,7 @@ def _strings(arr):
 def _missing(arr, col: Column) -> np.ndarray:
     if col.kind == "category":
         return np.asarray(_strings(arr).is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    return np.isnan(_floats(arr))
+    return np.isnan(float_values(arr))
 
 
 def _encode_column(arr, col: Column, keep: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -429,7 +429,7 @@ def _encode_column(arr, col: Column, keep: np.ndarray) -> tuple[np.ndarray, int,
     import pyarrow.compute as pc
 
     if col.kind != "category":
-        values = _floats(arr)[keep]
+        values = float_values(arr)[keep]
         gaps = np.isnan(values)
         imputed = int(gaps.sum()) if col.fill is not None else 0
         if imputed:

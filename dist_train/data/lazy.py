@@ -279,7 +279,7 @@ def _kept(keep: torch.Tensor, y: torch.Tensor, miss: np.ndarray | None):
     return kept[present], y[torch.from_numpy(present)], int((~present).sum())
 
 
-def _gap_cells(table) -> dict[str, int]:
+def gap_cells(table) -> dict[str, int]:
     """Missing cells per column of an Arrow table: nulls, and NaN in float columns (what
     the encoders impute)."""
     import pyarrow as pa
@@ -308,7 +308,7 @@ def _fit(rows, ids: np.ndarray, cfg: DataConfig):
         for start in range(0, len(ids), TAKE_CHUNK):
             part = rows.take_table(ids[start : start + TAKE_CHUNK])
             if cfg.missing == "impute":
-                for name, count in _gap_cells(part).items():
+                for name, count in gap_cells(part).items():
                     cells[name] += count
             yield part
 

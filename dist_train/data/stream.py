@@ -293,8 +293,8 @@ class _Scan:
     def update(self, chunk, keep: np.ndarray, where: str, offset: int) -> None:
         import pyarrow as pa
 
-        from dist_train.data.columns import _floats, gaps
-        from dist_train.data.lazy import _gap_cells
+        from dist_train.data.columns import float_values, gaps
+        from dist_train.data.lazy import gap_cells
 
         cfg = self.cfg
         part = chunk.select(self.feats)
@@ -310,13 +310,13 @@ class _Scan:
         if sum(t.num_rows for t in self.probe) < 2 and part.num_rows:
             self.probe.append(part.slice(0, 2))
         if cfg.missing == "impute":
-            for name, count in _gap_cells(part).items():
+            for name, count in gap_cells(part).items():
                 self.filled[name] += count
         if not cfg.standardize:
             return
         for name in self.feats:
             if self.fitter.kinds[name] in ("number", "bool"):
-                values = _floats(part.column(name))
+                values = float_values(part.column(name))
                 self.moments[name].add(values[~np.isnan(values)][:, None])
 
     def norm(self, encoder, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
