@@ -335,11 +335,10 @@ class ArrowRows:
                 offsets = np.cumsum([0] + [c.rows for c in cols])
                 self._chunks, self._pid = (offsets, cols), os.getpid()
                 return self._chunks
+            batches = table.select(self.columns).to_batches()
             if self.encoder is None:
-                batches = table.select(self.columns).to_batches()
                 cols = [_block([_view(c) for c in b.columns]) for b in batches]
             else:  # encoded per fetch: the record batches themselves
-                batches = table.select(self.columns).to_batches()
                 cols = batches
             offsets = np.cumsum([0] + [b.num_rows for b in batches])
             self._chunks, self._pid = (offsets, cols), os.getpid()

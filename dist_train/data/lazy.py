@@ -120,11 +120,11 @@ def _feature_names(cfg: DataConfig, names: list[str]) -> list[str]:
 def default_workers(cfg: DataConfig, decode: bool = False) -> Workers:
     """Cores per process (this process's CPU affinity / processes on the node): one is the
     training process's own, the rest fetch (at most 8); 1 core per process: no workers.
-    Tables (not `decode`: images) with 2 cores per process get none either: a gather of rows
-    from the Arrow cache is ~0.1 ms per batch, and a worker process competes with the step's
-    threads for the 2 cores (measured, benchmarks/parquet_scale.py, 256-float rows, batch 256:
-    26k samples/s without a worker, 15k with one). Decoding images is the work workers exist
-    for."""
+    Tables (not `decode`: images) with 2 cores per process get none either: reading a batch
+    from a packed cache takes ~0.5 ms (256 rows of 1 KiB), and a worker process competes with
+    the step's threads for the 2 cores (measured, benchmarks/parquet_scale.py, 256-float rows,
+    batch 256: 26k samples/s without a worker, 15k with one). Decoding images is the work
+    workers exist for."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     per = max((cores or 1) // local, 1)
