@@ -183,7 +183,10 @@ from dist_train.training import metrics
 assert metrics.import_early(forks_workers=True) is None and "torchmetrics" not in sys.modules
 started, early = [], metrics.import_early
 def recording(forks_workers):
-    started.append((early(forks_workers), "torchmetrics" in sys.modules))
+    # Looked up before the call: the thread it starts puts torchmetrics in sys.modules as soon
+    # as its import begins, which may be before this line resumes.
+    loaded = "torchmetrics" in sys.modules
+    started.append((early(forks_workers), loaded))
     return started[-1][0]
 metrics.import_early = recording
 def first_step(*args):
