@@ -6,11 +6,11 @@ throughput of `data.mode: lazy` against `memory` on the same rows.
     python benchmarks/parquet_scale.py --sizes 0.5,5,10 --features 256 --steps 400
 
 Each size is a directory of parquet shards (float32 features from a seeded generator, an int64
-class column drawn from a linear teacher) that one recipe trains on (an MLP, batch 256, 1 DataLoader
-worker per process as `data.num_workers` defaults to here). Every run is a fresh `dist-train train`
-process, stopped by a global optimizer-step hook after `--steps` steps (no epoch of millions of
-rows needed to see the steady state); the harness samples /proc of the training process and its
-DataLoader workers every 50 ms.
+class column drawn from a linear teacher) that one recipe trains on (an MLP, batch 256, and
+`data.num_workers` as it defaults: no worker for a table with 2 cores a process). Every run
+is a fresh `dist-train train` process, stopped by a global optimizer-step hook after `--steps`
+steps (no epoch of millions of rows needed to see the steady state); the harness samples /proc
+of the training process and its DataLoader workers every 50 ms.
 
 Reported per size:
 - time to first step, cold (the Arrow cache is built: one pass over the parquet) and warm (the

@@ -374,6 +374,34 @@ def as_arrow(frame, names: list[str], source: str):
     return pa.table({n: pa.array(np.asarray(frame[n]).tolist()) for n in names})
 
 
+def plain_kinds(schema, names: list[str], cfg) -> dict[str, str] | None:
+    """{column: "number" | "bool"} when every column of `names` in the Arrow `schema` is read
+    as float32 as it is (integers, floats, booleans) and nothing needs fitting (data.missing
+    error, no data.categorical); None otherwise. The one rule behind the plain encoder (no
+    fitting pass) and the packed cache (row-major float32) of the lazy and stream paths."""
+    if cfg.missing != "error" or cfg.categorical:
+        return None
+    kinds = {name: plain_kind(schema.field(name).type) for name in names}
+    return None if None in kinds.values() else kinds
+
+
+def plain_kind(kind) -> str | None:
+    """ "bool" or "number" for an Arrow type read as float32 as it is; None for any other."""
+    import pyarrow as pa
+
+    if kind == pa.bool_():
+        return "bool"
+    return "number" if pa.types.is_integer(kind) or pa.types.is_floating(kind) else None
+
+
+def plain_encoder(kinds: dict[str, str] | None) -> TableEncoder | None:
+    """The encoder of `plain_kinds` (what `Fitter` would learn: no vocabulary, no fill
+    value); None when a column needs fitting."""
+    if kinds is None:
+        return None
+    return TableEncoder([Column(name, kind) for name, kind in kinds.items()], "error")
+
+
 def _kind(kind, name: str, source: str) -> str:
     import pyarrow as pa
 

@@ -138,6 +138,7 @@ def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
     """(ArrowRows over `source`, its feature names, all its column names) — files found,
     csv/json cached once; no encoder yet (`encoded` adds the fitted one)."""
     from dist_train.data import arrow
+    from dist_train.data.columns import plain_kinds
 
     kind, _, loc = source.partition(":")
     if not loc:
@@ -150,7 +151,8 @@ def open_rows(source: str, cfg: DataConfig, key: str, feats: list[str] | None):
         schema = arrow.parquet_schema(shards[0], f"{key} `{source}`")  # the footer only
         feats = feats or _feature_names(cfg, schema.names)
         _check_columns(feats, schema, source)
-        pack = feats if arrow.packable(schema, feats, cfg) else None  # cached row-major
+        plain = plain_kinds(schema, feats, cfg) is not None
+        pack = feats if plain else None  # cached row-major (arrow module doc)
         files = [arrow.arrow_cache("parquet", f, cfg, key, pack) for f in shards]
     elif kind == "disk":
         files = arrow.disk_files(loc, cfg.split, f"{key} `{source}`")
@@ -200,29 +202,17 @@ def _check_columns(feats: list[str], schema, source: str):
 
 def plain_encoder(rows, cfg: DataConfig):
     """The encoder of a table of numbers and booleans under data.missing error, from the
-    schema alone (what `Fitter` would learn: no vocabulary, no fill value), so such a table
-    needs no fitting pass and keeps the fast gather; None when a column needs fitting."""
-    import pyarrow as pa
-
+    schema alone (columns.plain_kinds), so such a table needs no fitting pass and keeps the
+    fast gather; None when a column needs fitting."""
+    from dist_train.data import columns
     from dist_train.data.arrow import packed_kinds
-    from dist_train.data.columns import Column, TableEncoder
 
-    if cfg.missing != "error" or cfg.categorical:
-        return None
-    kinds = packed_kinds(rows.files)  # a packed cache says what it packed
-    if kinds is not None:
-        return TableEncoder([Column(name, kinds[name]) for name in rows.columns], "error")
-    schema = arrow_schema(rows)
-    cols = []
-    for name in rows.columns:
-        kind = schema.field(name).type
-        if kind == pa.bool_():
-            cols.append(Column(name, "bool"))
-        elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
-            cols.append(Column(name, "number"))
-        else:
-            return None
-    return TableEncoder(cols, "error")
+    kinds = packed_kinds(rows.files)  # a packed cache: what it packed (plain by construction)
+    if kinds is None:
+        kinds = columns.plain_kinds(arrow_schema(rows), rows.columns, cfg)
+    else:
+        kinds = {name: kinds[name] for name in rows.columns}
+    return columns.plain_encoder(kinds)
 
 
 def arrow_schema(rows):
@@ -270,13 +260,26 @@ def _kept(keep: torch.Tensor, y: torch.Tensor, miss: np.ndarray | None):
     """(source row ids, targets, rows dropped): the rows the target encoding kept, less those
     with a missing feature under data.missing drop (as sources._keep)."""
     # int32 under 2^31 rows: the ids are held for the whole run (rows.LazyTable)
-    kept = np.flatnonzero(keep.numpy()).astype(np.int32 if len(keep) < 2**31 else np.int64)
+    wide = np.int32 if len(keep) < 2**31 else np.int64
+    if bool(keep.all()):  # the usual case: no int64 temporary of every row
+        kept = np.arange(len(keep), dtype=wide)
+    else:
+        kept = np.flatnonzero(keep.numpy()).astype(wide)
     if miss is None:
         return kept, y, 0
     present = ~miss[kept]
     if bool(present.all()):
         return kept, y, 0
     return kept[present], y[torch.from_numpy(present)], int((~present).sum())
+
+
+def _gathered(values: np.ndarray, order: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """`values[order]`, gathered a chunk at a time: numpy widens an int32 index array to
+    int64 first, a temporary of 8 bytes a row at the load's peak; in chunks it stays 8 MiB."""
+    out = np.empty(len(order), dtype=values.dtype)
+    for start in range(0, len(order), chunk):
+        out[start : start + chunk] = values[order[start : start + chunk]]
+    return out
 
 
 def gap_cells(table) -> dict[str, int]:
@@ -339,7 +342,8 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
     """The lazy bundle: targets and split in memory, features left in the files and encoded
     per fetch by the column encoders fitted on the training split (data/columns.py), with the
     memory path's row filtering (targets, data.missing drop), split, counts and notes."""
-    from dist_train.data.sources import DataBundle, column, encode_targets, split_rows
+    from dist_train.data.arrow import release_freed_memory
+    from dist_train.data.sources import DataBundle, column, encode_targets, split_permutation
 
     if cfg.source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_images
@@ -365,7 +369,16 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
     del keep, miss
     split_seed = seed if cfg.split_seed is None else cfg.split_seed
     fraction = 0.0 if cfg.valid_source else cfg.valid_fraction
-    t, v, te = split_rows(len(y_all), fraction, cfg.test_fraction, split_seed)
+    wide = torch.int32 if len(y_all) < 2**31 else torch.int64
+    perm, n_test, n_valid = split_permutation(
+        len(y_all), fraction, cfg.test_fraction, split_seed, wide
+    )
+    if perm is not None:  # ids and targets in the split's order: each split is a slice
+        ids = _gathered(ids, perm.numpy())
+        y_all = torch.from_numpy(_gathered(y_all.numpy(), perm.numpy()))
+        del perm
+    cut = n_test + n_valid  # the permutation's test rows, then its validation rows
+    spans = {"test split": (0, n_test), "valid split": (n_test, cut), "train split": (cut, None)}
     notes = []
     if dropped:
         notes.append(
@@ -374,20 +387,24 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
     encoder = plain_encoder(rows, cfg)
     train_counts = None
     if encoder is None:  # strings, categories, gaps: one chunked pass over the training rows
-        encoder, train_counts = _fit(rows, ids[t.numpy()], cfg)
+        encoder, train_counts = _fit(rows, ids[cut:], cfg)
     source = encoded(rows, encoder, cfg)
 
-    def part(idx, what):
-        if idx is None:
+    def part(what):
+        lo, hi = spans[what]
+        if hi == lo:
             return None
-        table = LazyTable(source, ids[idx.numpy()], y_all[idx])
+        if hi is None:  # the training rows: views of the gathered arrays, no second copy
+            table = LazyTable(source, ids[lo:], y_all[lo:])
+        else:  # small: their own copies (a view would pickle the whole array into workers)
+            table = LazyTable(source, ids[lo:hi].copy(), y_all[lo:hi].clone())
         counts = train_counts if what == "train split" else _counts(table, encoder, what)
         line = counts.describe(what) if counts is not None else None
         if line:
             notes.append(line)
         return table
 
-    train, valid, test = part(t, "train split"), part(v, "valid split"), part(te, "test split")
+    train, valid, test = part("train split"), part("valid split"), part("test split")
     for key, name in (("valid_source", "valid"), ("test_source", "test")):
         if key not in extra:
             continue
@@ -412,6 +429,10 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
             norm[0][pos], norm[1][pos] = 0.0, 1.0  # category codes stay integers (embedding)
     bundle = DataBundle(train, valid, source.input_shape, classes, feats, norm, test, encoder)
     bundle.notes = notes
+    # What the load read and dropped (the target column, the split's temporaries) is freed but
+    # kept by the allocators; the run holds only the split's ids and targets from here on.
+    del extra
+    release_freed_memory()
     bundle.workers = default_workers(cfg)
     bundle.plan = f"data: lazy ({why}); {bundle.workers.describe()}"
     return bundle

@@ -289,8 +289,7 @@ def _chunks(frame, names: list[str], rows: np.ndarray, source: str):
 def _encode_rows(encoder: TableEncoder, frame, names, rows: np.ndarray, source: str, what: str):
     """float32 [len(rows), F] of `rows` (data.missing drop already left its rows out of
     Pending.rows), filled chunk by chunk into one output, and the summed counts."""
-    import pyarrow as pa
-
+    from dist_train.data.arrow import release_freed_memory
     from dist_train.data.columns import Counts
 
     out, counts, done = np.empty((len(rows), encoder.num_features), np.float32), Counts(), 0
@@ -299,7 +298,7 @@ def _encode_rows(encoder: TableEncoder, frame, names, rows: np.ndarray, source: 
         out[done : done + len(x)] = x
         done += len(x)
         counts.add(got)
-    pa.default_memory_pool().release_unused()  # the chunks' buffers, back to the OS
+    release_freed_memory()  # the chunks' buffers, back to the OS
     return out[:done], counts
 
 
@@ -475,6 +474,8 @@ def _column(frame, name: str, source: str, copy: bool = True) -> np.ndarray:
     if arrow is not None or hasattr(frame, "schema"):  # ... or a pyarrow Table (parquet)
         chunks = arrow("arrow")[name] if arrow is not None else frame[name]
         if _numeric(chunks):  # straight into numpy (NaN for nulls), no Python object per row
+            if chunks.null_count == 0 and getattr(chunks, "num_chunks", 1) > 1:
+                return _filled(chunks)
             values = chunks.to_numpy()  # may be a read-only view of arrow's buffers
             return np.array(values) if copy else values
         values = chunks.to_pylist()
@@ -490,6 +491,19 @@ def _column(frame, name: str, source: str, copy: bool = True) -> np.ndarray:
         # checks name the row instead of calling the column non-numeric or None a class.
         col = np.array([np.nan if v is None else v for v in col], dtype=np.float64)
     return col
+
+
+def _filled(chunks) -> np.ndarray:
+    """A many-chunk column (one per record batch of a shard directory) copied chunk by chunk
+    into one array: `ChunkedArray.to_numpy` first concatenates the chunks in Arrow's pool,
+    which keeps the memory after the copy (measured on a lazy load of 5.2M int64 targets:
+    +65 MiB of anonymous memory before the copy, 42 MiB after with this)."""
+    out = np.empty(len(chunks), dtype=chunks.type.to_pandas_dtype())
+    at = 0
+    for part in chunks.chunks:
+        out[at : at + len(part)] = part.to_numpy(zero_copy_only=False)
+        at += len(part)
+    return out
 
 
 def _numeric(chunks) -> bool:
@@ -628,19 +642,31 @@ def split_rows(n: int, valid_fraction: float, test_fraction: float, seed: int):
     """(train, valid or None, test or None) row positions, decided on row ids before anything
     is fitted: one seeded permutation, its first `test_fraction` the test rows, the next
     `valid_fraction` (of all rows) the validation rows, the rest training rows."""
+    perm, n_test, n_valid = split_permutation(n, valid_fraction, test_fraction, seed)
+    if perm is None:
+        return torch.arange(n), None, None  # no split: the file's order
+    test = perm[:n_test] if n_test else None
+    valid = perm[n_test : n_test + n_valid] if n_valid else None
+    return perm[n_test + n_valid :], valid, test
+
+
+def split_permutation(
+    n: int, valid_fraction: float, test_fraction: float, seed: int, dtype=torch.int64
+) -> tuple[torch.Tensor | None, int, int]:
+    """(the seeded permutation of `split_rows`, or None without a split; rows of the test and
+    the validation split at its start). `dtype` int32 draws the same permutation in half the
+    memory (the lazy path's load under 2^31 rows)."""
     n_test = max(1, round(n * test_fraction)) if test_fraction else 0
     n_valid = max(1, round(n * valid_fraction)) if valid_fraction else 0
     if n_test + n_valid == 0:
-        return torch.arange(n), None, None  # no split: the file's order
+        return None, 0, 0
     if n_test + n_valid >= n:
         raise UserError(
             f"data.valid_fraction {valid_fraction} and data.test_fraction {test_fraction} "
             f"leave none of the {n} rows for training; lower them or add rows."
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    test = perm[:n_test] if n_test else None
-    valid = perm[n_test : n_test + n_valid] if n_valid else None
-    return perm[n_test + n_valid :], valid, test
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen, dtype=dtype), n_test, n_valid
 
 
 def split_order(n: int, fraction: float, seed: int):

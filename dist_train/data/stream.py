@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from dist_train.config.schema import DataConfig
-from dist_train.data.columns import TableEncoder
+from dist_train.data.columns import TableEncoder, plain_encoder, plain_kinds
 from dist_train.data.rows import Workers
 from dist_train.errors import UserError
 
@@ -347,28 +347,6 @@ class _Scan:
         return m, torch.where(s > 1e-8, s, torch.ones_like(s))
 
 
-def _plain_encoder(chunk, feats: list[str], cfg: DataConfig) -> TableEncoder | None:
-    """The encoder of numbers and booleans under data.missing error from the first chunk's
-    schema (what `Fitter` would learn: no vocabulary, no fill), so such a stream needs no
-    fitting pass; None when a column needs fitting."""
-    import pyarrow as pa
-
-    from dist_train.data.columns import Column
-
-    if cfg.missing != "error" or cfg.categorical:
-        return None
-    cols = []
-    for name in feats:
-        kind = chunk.schema.field(name).type
-        if kind == pa.bool_():
-            cols.append(Column(name, "bool"))
-        elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
-            cols.append(Column(name, "number"))
-        else:
-            return None
-    return TableEncoder(cols, "error")
-
-
 def load_stream(cfg: DataConfig, seed: int, why: str):
     """The stream bundle: one scan of the stream (rows, targets, column encoders, statistics),
     the validation and test sources read map-style and encoded by the training encoders."""
@@ -413,7 +391,8 @@ def load_stream(cfg: DataConfig, seed: int, why: str):
         raise UserError(f"data.source `{cfg.source}`: no rows of data.classes {cfg.classes}.")
     shards = src.shards(ds)
     head = next(iter(chunks(shards[0])), None)
-    encoder = _plain_encoder(head, feats, cfg) if head is not None else None
+    # Numbers and booleans under data.missing error: no fitting pass (the first chunk's schema).
+    encoder = plain_encoder(plain_kinds(head.schema, feats, cfg)) if head is not None else None
     notes: list[str] = []
     if encoder is not None:
         # Scan 2 (numbers/booleans under error): statistics over the kept rows, the probe

@@ -70,3 +70,30 @@ def test_image_folder_benchmark_quick_reports_both_loops(tmp_path):
         doc["dist_train_images_per_s"] / doc["reference_images_per_s"]
     )
     assert "ratio dist_train / reference" in proc.stdout
+
+
+@pytest.mark.slow
+def test_parquet_scale_benchmark_quick_reports_memory_growth_and_ratio(tmp_path):
+    """`benchmarks/parquet_scale.py --quick` (8 and 80 MB shard directories, 20 steps): every
+    run is a fresh `dist-train train` stopped by its step hook; the report holds both sizes'
+    peaks and first-step times, the lazy / memory ratio and the growth between the sizes."""
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "parquet_scale.py"), "--quick"]
+    cmd += ["--rounds", "1", "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    small, large = doc["sizes"]
+    assert large["rows"] == pytest.approx(10 * small["rows"], rel=1e-3)
+    # One cold run per size (it builds the cache), then warm runs reusing it.
+    assert [r["cold"] for r in small["runs"]] == [True, False, False]
+    assert [r["mode"] for r in small["runs"]] == ["lazy", "lazy", "memory"]
+    assert [r["mode"] for r in large["runs"]] == ["lazy", "lazy"]
+    assert len(list((tmp_path / "work").glob("cache-*/*.rows.npy"))) >= 2  # packed caches
+    for size in (small, large):
+        assert size["first_step_warm_s"] > 0 and size["vmhwm_mib"] > doc["footprint_mib"] / 2
+    assert small["lazy_over_memory"] == pytest.approx(
+        small["lazy_samples_per_s"] / small["memory_samples_per_s"]
+    )
+    assert doc["rss_growth_mib"] == pytest.approx(large["vmhwm_mib"] - small["vmhwm_mib"])
+    assert "(target < 100)" in proc.stdout

@@ -330,3 +330,37 @@ def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_p
     pq.write_table(table.drop_columns(["b"]), tmp_path / "d" / "q.parquet")
     with pytest.raises(UserError, match=r"parquet shard .*q\.parquet has no column `b`"):
         load_data(_cfg(source, mode="lazy", cache_dir=str(cache), **kw), seed=0)
+
+
+def test_load_holds_each_row_once_in_the_splits_order():
+    """The lazy load's memory per row (benchmarks/parquet_scale.py: the 5 GiB run's growth):
+    a many-chunk target column is copied chunk by chunk into one array (Arrow's own
+    `to_numpy` concatenates in its pool first), the split permutation is drawn as int32 (the
+    same permutation as the memory path's int64 one) and the ids and targets are gathered
+    into its order in chunks, each split a slice of them."""
+    import pyarrow as pa
+
+    from dist_train.data.lazy import _gathered
+    from dist_train.data.sources import column, split_permutation, split_rows
+
+    parts = [np.arange(k * 1000, k * 1000 + 700 + k, dtype=np.int64) for k in range(5)]
+    table = pa.table(
+        {"y": pa.chunked_array(parts), "b": pa.chunked_array([p % 2 == 0 for p in parts])}
+    )
+    y = column(table, "y", "t.parquet")
+    assert y.dtype == np.int64 and y.flags.owndata and np.array_equal(y, np.concatenate(parts))
+    assert column(table, "b", "t.parquet").dtype == np.bool_
+    with_nulls = pa.table({"y": pa.chunked_array([[1, None], [3]], type=pa.int64())})
+    assert np.array_equal(column(with_nulls, "y", "t"), [1.0, np.nan, 3.0], equal_nan=True)
+
+    n = 200_003
+    perm, n_test, n_valid = split_permutation(n, 0.1, 0.05, 7, torch.int32)
+    assert perm.dtype == torch.int32 and (n_test, n_valid) == (10_000, 20_000)
+    train, valid, test = split_rows(n, 0.1, 0.05, 7)
+    assert torch.equal(torch.cat([test, valid, train]), perm.long())
+    assert split_permutation(n, 0.0, 0.0, 7) == (None, 0, 0)
+
+    values = np.random.default_rng(0).integers(0, 1 << 30, n).astype(np.int32)
+    order = perm.numpy()
+    got = _gathered(values, order, chunk=4096)
+    assert got.dtype == np.int32 and np.array_equal(got, values[order])
