@@ -149,7 +149,8 @@ def arrow_cache(kind: str, loc: str, cfg, key: str, pack: list[str] | None = Non
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     root = cache_root(cfg)
     out = root / f"{Path(loc).stem}-{digest}.arrow"
-    if out.is_file() and (not pack or packed_rows_path(out).is_file()):
+    complete = gaps_path(out).is_file() and (not pack or packed_rows_path(out).is_file())
+    if out.is_file() and complete:
         return str(out)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
@@ -167,8 +168,10 @@ def arrow_cache(kind: str, loc: str, cfg, key: str, pack: list[str] | None = Non
                 ) from None
         else:
             _text_to_arrow(kind, loc, cfg, key, work, tmp)
-        if pack:  # the rows first: the Arrow file's presence says the cache is complete
+        # The rows and the gap count first: the Arrow file's presence says the cache is complete.
+        if pack:
             os.replace(packed_rows_path(tmp), packed_rows_path(out))
+        os.replace(gaps_path(tmp), gaps_path(out))
         os.replace(tmp, out)  # atomic: a reader never sees a half-written cache
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -197,6 +200,55 @@ def _value_bytes(kind) -> int:
 
 
 PACKED_KEY = b"dist_train.packed"  # schema metadata: the packed columns' names and kinds
+
+
+def gaps_path(arrow_file: str | Path) -> Path:
+    """The missing cells a cache file's conversion counted, per column: JSON
+    {column: [cells, first row]} (columns without any left out)."""
+    return Path(arrow_file).with_suffix(".gaps.json")
+
+
+class GapCount:
+    """Missing cells per column over the record batches of one conversion, in row order."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, list[int]] = {}
+        self.rows = 0
+
+    def add(self, table) -> None:
+        from dist_train.data.columns import column_gaps
+
+        for name, (cells, first) in column_gaps(table).items():
+            seen = self.found.setdefault(name, [0, self.rows + first])
+            seen[0] += cells
+        self.rows += table.num_rows
+
+    def write(self, arrow_file: Path) -> None:
+        gaps_path(arrow_file).write_text(json.dumps(self.found))
+
+
+def first_gap(files: list[str], columns: list[str]) -> tuple[int, str] | None:
+    """(row, column) of the first missing cell among `columns` of cache `files` (rows
+    numbered across the files, as the memory path numbers them), from the counts their
+    conversion recorded; None without one, or for files without a count (`disk:`)."""
+    offset = 0
+    for f in files:
+        path = gaps_path(f)
+        if not path.is_file():
+            return None
+        found = json.loads(path.read_text())
+        hits = [(found[c][1], c) for c in columns if c in found]
+        if hits:
+            row, name = min(hits)
+            return offset + row, name
+        offset += _stream_rows(f)
+    return None
+
+
+def _stream_rows(arrow_file: str) -> int:
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.memory_map(arrow_file)).read_all().num_rows
 
 
 def packed_rows_path(arrow_file: str | Path) -> Path:
@@ -257,8 +309,10 @@ def _parquet_to_arrow(loc: str, tmp: Path, pack: list[str] | None = None) -> Non
             np.lib.format.write_array_header_1_0(
                 packed, {"descr": "<f4", "fortran_order": False, "shape": shape}
             )
+        count = GapCount()
         for group in range(pf.num_row_groups):
             table = pf.read_row_group(group)
+            count.add(table)  # data.missing error is then decided without reading the rows
             if packed is not None:
                 block = np.empty((table.num_rows, len(pack)), dtype=np.float32)
                 for j, name in enumerate(pack):
@@ -267,6 +321,7 @@ def _parquet_to_arrow(loc: str, tmp: Path, pack: list[str] | None = None) -> Non
                 table = table.select(schema.names)
             for batch in table.to_batches(max_chunksize=rows):
                 w.write_batch(batch)
+    count.write(tmp)
     release_freed_memory()
 
 
@@ -285,9 +340,12 @@ def _text_to_arrow(kind: str, loc: str, cfg, key: str, work: Path, tmp: Path) ->
         load_source(f"{kind}:{loc}", cfg, key)  # the memory path's one-paragraph error
         raise UserError(f"{key} `{kind}:{loc}`: no rows; add data rows.")
     table = ds.data.table
+    count = GapCount()
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         for batch in table.to_batches(max_chunksize=CACHE_BATCH):
+            count.add(batch)
             w.write_batch(batch)
+    count.write(tmp)
 
 
 def open_arrow(files: list[str]):

@@ -162,12 +162,7 @@ class TableEncoder:
         for col in self.columns:
             miss = _missing(table.column(col.name), col)
             if self.missing == "error" and miss.any():
-                row = int(miss.argmax()) + row_offset
-                raise UserError(
-                    f"data: feature `{col.name}` is missing/NaN in row {row} of {source}; set "
-                    "data.missing: drop (skip such rows) or impute (train mean/most frequent "
-                    "category), clean the file, or drop the column from data.features."
-                )
+                raise missing_cell(col.name, int(miss.argmax()) + row_offset, source)
             any_missing |= miss
         return any_missing
 
@@ -328,6 +323,33 @@ def find_saved(checkpoint: str) -> TableEncoder | None:
         if (folder / COLUMNS_FILE).is_file():
             return TableEncoder.from_json((folder / COLUMNS_FILE).read_text())
     return None
+
+
+def missing_cell(name: str, row: int, source: str) -> UserError:
+    """The error of a missing feature cell under data.missing error (every path, found at
+    load time: the memory path's encoding, the lazy path's scan or cache record)."""
+    return UserError(
+        f"data: feature `{name}` is missing/NaN in row {row} of {source}; set "
+        "data.missing: drop (skip such rows) or impute (train mean/most frequent "
+        "category), clean the file, or drop the column from data.features."
+    )
+
+
+def column_gaps(table) -> dict[str, tuple[int, int]]:
+    """{column: (missing cells, first row with one)} of an Arrow table or record batch, for
+    the columns with any: nulls, and NaN in float columns (what the encoders call missing)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = {}
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        if not col.null_count and not pa.types.is_floating(col.type):
+            continue
+        mask = pc.is_null(col, nan_is_null=True)
+        cells = int(pc.sum(mask).as_py() or 0)
+        if cells:
+            out[name] = (cells, int(pc.index(mask, True).as_py()))
+    return out
 
 
 def gaps(

@@ -244,10 +244,18 @@ def scan_gaps(rows, cfg: DataConfig, source: str) -> np.ndarray | None:
     """bool [rows]: rows with a missing feature cell, in one pass over the record batches (as
     the memory path's `gaps` over the whole table: under data.missing error the first one is a
     UserError naming its file row); None when nothing needs the scan (impute; a numeric table
-    under error, whose fetch checks each batch)."""
-    from dist_train.data.columns import gaps
+    under error: the gaps its cache counted when it was converted, `arrow.first_gap`, decide
+    it without reading the rows; datasets' own `disk:` files have no such count, and their
+    fetch checks each batch)."""
+    from dist_train.data.arrow import first_gap
+    from dist_train.data.columns import gaps, missing_cell
 
-    if cfg.missing == "impute" or (cfg.missing == "error" and plain_encoder(rows, cfg)):
+    if cfg.missing == "impute":
+        return None
+    if cfg.missing == "error" and plain_encoder(rows, cfg):
+        found = first_gap(rows.files, rows.columns)
+        if found is not None:
+            raise missing_cell(found[1], found[0], source)
         return None
     out = np.zeros(len(rows), dtype=bool)
     for start, batch in rows.batches():
@@ -285,17 +293,10 @@ def _gathered(values: np.ndarray, order: np.ndarray, chunk: int = 1 << 20) -> np
 def gap_cells(table) -> dict[str, int]:
     """Missing cells per column of an Arrow table: nulls, and NaN in float columns (what
     the encoders impute)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    from dist_train.data.columns import column_gaps
 
-    out = {}
-    for name in table.column_names:
-        col = table.column(name)
-        count = col.null_count
-        if pa.types.is_floating(col.type):
-            count += int(pc.sum(pc.is_nan(col)).as_py() or 0)
-        out[name] = count
-    return out
+    found = column_gaps(table)
+    return {name: found[name][0] if name in found else 0 for name in table.column_names}
 
 
 def _fit(rows, ids: np.ndarray, cfg: DataConfig):

@@ -96,11 +96,12 @@ def test_statistics_pass_is_chunked_and_matches(files, monkeypatch):
 def test_csv_arrow_cache_is_written_once_and_reused(files, tmp_path):
     cfg = _cfg(f"csv:{files['csv']}", mode="lazy", cache_dir=str(tmp_path / "cache"))
     load_data(cfg, seed=0)
-    (cached,) = (tmp_path / "cache").iterdir()  # one file, no conversion leftovers
-    assert cached.suffix == ".arrow"
+    # The Arrow file and its gap count, no conversion leftovers.
+    cached, gaps = sorted((tmp_path / "cache").iterdir())
+    assert cached.suffix == ".arrow" and gaps.name.endswith(".gaps.json")
     stamp = cached.stat().st_mtime_ns
     again = load_data(cfg, seed=0)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cached.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [cached.name, gaps.name]
     assert cached.stat().st_mtime_ns == stamp  # reused, not rewritten
     assert again.train.source.files == [str(cached)]
 
@@ -280,18 +281,18 @@ def test_mixed_column_types_and_many_record_batches(tmp_path):
 def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_path):
     """Numbers/booleans under data.missing error: the shard's cache holds the features as one
     row-major float32 column (the fetch gathers whole rows) and the target as it is; another
-    feature list is another cache file. A NaN there is still reported by the fetch, naming
-    its row. Under data.missing impute the cache keeps the columns the encoders read. A shard
-    lacking a feature column of the first shard is a user error naming that shard."""
+    feature list is another cache file. A NaN that reaches a fetch (a cache edited after the
+    load) is still reported by it, naming its row. Under data.missing impute the cache keeps
+    the columns the encoders read. A shard lacking a feature column of the first shard is a
+    user error naming that shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dist_train.data.arrow import open_arrow, packed_kinds, packed_rows_path
+    from dist_train.data.arrow import gaps_path, open_arrow, packed_kinds, packed_rows_path
 
     rng = np.random.default_rng(3)
     n = 300
     x = rng.normal(size=n)
-    x[123] = np.nan
     b, c = rng.random(n) > 0.5, rng.integers(0, 9, n)
     table = pa.table({"a": x, "b": b, "c": c, "label": rng.integers(0, 2, n)})
     (tmp_path / "d").mkdir()
@@ -301,13 +302,17 @@ def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_p
 
     cache = tmp_path / "packed"
     lazy = load_data(_cfg(source, mode="lazy", cache_dir=str(cache), **kw), seed=0)
-    cached, rows = sorted(cache.iterdir())  # x.arrow, x.rows.npy
+    cached, gaps, rows = sorted(cache.iterdir())  # x.arrow, x.gaps.json, x.rows.npy
     assert rows == packed_rows_path(cached) and np.load(rows).shape == (n, 3)
+    assert gaps == gaps_path(cached) and gaps.read_text() == "{}"
     assert open_arrow([str(cached)]).schema.names == ["label"]
     assert packed_kinds([str(cached)]) == {"a": "number", "b": "bool", "c": "number"}
     ids = np.array([5, 0, 299, 17])
     want = np.stack([x[ids], b[ids], c[ids]], 1)
     assert torch.equal(lazy.train.source.fetch(ids), torch.from_numpy(want.astype(np.float32)))
+    packed = np.load(rows)
+    packed[123, 0] = np.nan
+    np.save(rows, packed)
     with pytest.raises(UserError, match="missing/NaN in row 123"):
         lazy.train.source.fetch(np.array([1, 123]))
     with open(rows, "r+b") as f:  # a cache cut short under a running job: named, exit 2
@@ -316,13 +321,13 @@ def test_parquet_cache_is_packed_row_major_only_for_plain_numeric_features(tmp_p
     with pytest.raises(UserError, match=r"rows\.npy is shorter than its header says"):
         fresh.train.source.fetch(np.array([n - 1]))
     load_data(_cfg(source, mode="lazy", cache_dir=str(cache), features=["c", "a"], **kw), seed=0)
-    assert len(list(cache.iterdir())) == 4  # the key names the packed columns
+    assert len(list(cache.iterdir())) == 6  # the key names the packed columns
 
     columns = tmp_path / "columns"
     imputed = load_data(
         _cfg(source, mode="lazy", cache_dir=str(columns), missing="impute", **kw), seed=0
     )
-    (cached,) = columns.iterdir()
+    cached, _ = sorted(columns.iterdir())
     assert "a" in open_arrow([str(cached)]).schema.names
     assert packed_kinds([str(cached)]) is None
     assert not torch.isnan(imputed.train.source.fetch(imputed.train.ids)).any()
@@ -364,3 +369,40 @@ def test_load_holds_each_row_once_in_the_splits_order():
     order = perm.numpy()
     got = _gathered(values, order, chunk=4096)
     assert got.dtype == np.int32 and np.array_equal(got, values[order])
+
+
+@pytest.mark.parametrize("kind", ["shards", "csv"])
+def test_a_missing_cell_under_error_stops_the_lazy_load_like_the_memory_one(tmp_path, kind):
+    """data.missing error on a table of numbers: the conversion to the cache counts each
+    column's missing cells, so the lazy load refuses a NaN / empty cell before training, with
+    the memory path's message and row number (rows numbered across shards), from the count
+    alone when the cache is reused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    shards = [rng.normal(size=(n, 2)) for n in (40, 30)]
+    shards[1][7, 1] = np.nan  # row 47 of the directory, feature b
+    root = tmp_path / "d"
+    root.mkdir()
+    for k, x in enumerate(shards):
+        cols = {"a": x[:, 0], "b": x[:, 1], "label": rng.integers(0, 2, len(x))}
+        if kind == "shards":
+            pq.write_table(pa.table(cols), root / f"part-{k}.parquet")
+        else:
+            rows = [
+                f"{a},{'' if np.isnan(b) else b},{y}"
+                for a, b, y in zip(*cols.values(), strict=True)
+            ]
+            with open(root / "t.csv", "a") as f:
+                f.write("a,b,label\n" * (k == 0) + "\n".join(rows) + "\n")
+    source = f"parquet:{root}" if kind == "shards" else f"csv:{root / 't.csv'}"
+    kw = {"task": "binary", "classes": None, "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(UserError) as memory:
+        load_data(_cfg(source, mode="memory", **kw), seed=0)
+    assert "feature `b` is missing/NaN in row 47" in str(memory.value)
+    for _ in range(2):  # converting, then from the cache's count alone
+        with pytest.raises(UserError) as lazy:
+            load_data(_cfg(source, mode="lazy", **kw), seed=0)
+        assert str(lazy.value) == str(memory.value)
+    assert load_data(_cfg(source, mode="lazy", missing="drop", **kw), seed=0).train is not None
