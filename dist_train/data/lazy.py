@@ -365,7 +365,7 @@ def load_lazy(cfg: DataConfig, seed: int, why: str):
             extra[key] = (orows, ymiss, column(orows.table([cfg.target]), cfg.target, other))
     vy_raw = extra["valid_source"][2] if "valid_source" in extra else None
     classes, y_all, keep = encode_targets(y_raw, cfg, vy_raw)
-    del y_raw  # 8 bytes a row; the peak of loading is what a lazy run's memory grows by
+    del y_raw  # 8 bytes a row, freed before the split gathers its copies (the load's peak)
     ids, y_all, dropped = _kept(keep, y_all, miss)
     del keep, miss
     split_seed = seed if cfg.split_seed is None else cfg.split_seed
