@@ -10,14 +10,17 @@ a shuffled copy of the batch) cannot give that here: the global batch is split o
 and accumulation micro-batches, so in-batch partners would change with the world size, and
 trading rows between ranks would cost an all-gather of inputs per step and still not reach a
 later micro-batch. The partner is instead fetched from the training rows by one indexing op
-(on the device when the rows live there). It is a uniformly random training row, as in the
-shuffled-batch version, just not restricted to the same batch.
+(on the device when the rows live there); lazy rows bring their partners with the batch, read
+in the DataLoader worker with the batch itself (data/rows.py `LazyRows.fetch_partners`). It is
+a uniformly random training row, as in the shuffled-batch version, just not restricted to the
+same batch.
 
 All of it is batched tensor arithmetic; the tables cost O(rows) once per epoch.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,11 +61,25 @@ def check_mixing(recipe: Recipe, input_shape: tuple[int, ...]) -> None:
 
 
 def make_mixer(recipe: Recipe, rows: TensorRows, num_classes: int) -> Mixer | None:
+    """The mixer of the training rows; lazy rows (data/rows.py `LazyRows`) are set to fetch
+    each row's partner with the batch, in the DataLoader worker."""
     cfg = recipe.data.augment
     if not mixing(cfg):
         return None  # alpha 0: nothing drawn, nothing changed (bitwise the unmixed run)
     soft_classes = num_classes if recipe.loss.name == "cross_entropy" else 0
+    if hasattr(rows, "fetch_partners"):
+        seed, n = recipe.seed, len(rows)
+        rows.fetch_partners(functools.partial(partner_order, seed, n=n))
     return Mixer(cfg, recipe.seed, rows, soft_classes)
+
+
+def partner_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Each training row's mixing partner in `epoch`: the first draw of `epoch_draws`."""
+    return _generator(seed, epoch).permutation(n)
+
+
+def _generator(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed % 2**63, epoch, _TAG])
 
 
 class Mixer:
@@ -75,11 +92,22 @@ class Mixer:
         self._tables: dict[str, torch.Tensor] = {}
 
     def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, fetched=()
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fetched`: (partner row indices, their features, their targets) when the batch
+        brought them (lazy rows, fetched in the worker); else they are looked up here."""
         t = self.tables(epoch, idx.device)
         partner, lam, cut = t["partner"][idx], t["lam"][idx], t["cut"][idx]
-        xp, yp = self._partner_rows(partner, x.device)
+        if fetched:
+            ids, xp, yp = fetched
+            # The worker drew them from the epoch the trainer set: a mismatch would silently
+            # mix the wrong rows, so it is checked (one comparison of N integers).
+            if not torch.equal(ids.to(partner.device), partner):
+                raise RuntimeError(f"mixup partners fetched for another epoch than {epoch}")
+            xp = unit_float(xp.to(x.device, non_blocking=True))
+            yp = yp.to(y.device)
+        else:
+            xp, yp = self._partner_rows(partner, x.device)
         view = (-1,) + (1,) * (x.dim() - 1)
         weight = lam.to(x.device, x.dtype).view(view)  # the row's own share; 1: left unmixed
         if self.cfg.cutmix > 0:
@@ -103,12 +131,15 @@ class Mixer:
         lam = lam.view((-1,) + (1,) * (a.dim() - 1))
         return a * lam + b * (1 - lam)
 
+    def start_epoch(self, epoch: int) -> None:
+        """Before the epoch's batches are drawn: lazy rows fetch this epoch's partners."""
+        if hasattr(self.rows, "set_epoch"):
+            self.rows.set_epoch(epoch)
+
     def _partner_rows(self, partner: torch.Tensor, device: torch.device):
         src = self.rows
-        if hasattr(src, "source"):  # a lazy table (data/rows.py): fetch the partners' rows
-            partner = partner.cpu()
-            xp = src.source.fetch(src.ids[partner.numpy()])
-            return unit_float(xp.to(device, non_blocking=True)), src.y[partner].to(device)
+        if not hasattr(src, "x"):  # lazy rows bring their partners with the batch
+            raise RuntimeError("a lazy batch without its mixing partners (make_mixer arms it)")
         if partner.device != src.x.device:  # rows kept on the host, batch on an accelerator
             partner = partner.to(src.x.device)
         # uint8 image rows: the same [0, 1] floats as the batch they are mixed into
@@ -129,8 +160,8 @@ def epoch_draws(
 ) -> dict[str, np.ndarray]:
     """partner, lam (the row's own share: 1 where not mixed), cut (CutMix rather than mixup)
     and the CutMix box [y0, y1) x [x0, x1) of every training row in `epoch`."""
-    rng = np.random.default_rng([seed % 2**63, epoch, _TAG])
-    partner = rng.permutation(n)
+    rng = _generator(seed, epoch)
+    partner = rng.permutation(n)  # partner_order's draw
     applied = rng.random(n) < cfg.mix_prob
     if cfg.mixup > 0 and cfg.cutmix > 0:
         cut = rng.random(n) < cfg.switch_prob

@@ -68,20 +68,50 @@ class LazyTable:
 class LazyRows(torch.utils.data.Dataset):
     """`__getitems__` fetches a whole batch from the source: (features, targets, row indices),
     exactly what `loaders.TensorRows` returns, so the trainer, the sample audit and predict's
-    input order are the same on both paths (indices are split-local row numbers)."""
+    input order are the same on both paths (indices are split-local row numbers).
+
+    With `fetch_partners` (mixup/CutMix, data/mix.py) the batch also carries each row's mixing
+    partner: (..., partner row indices, their features, their targets), fetched here, in the
+    DataLoader worker, instead of by the training process at every step (for an image folder:
+    a second batch of JPEGs decoded on the critical path). The partners depend on the epoch,
+    which the training process writes into a shared-memory scalar before each epoch's
+    iterator starts (`set_epoch`); a worker reads it per batch."""
 
     def __init__(self, table: LazyTable) -> None:
         self.source, self.ids, self.y = table.source, table.ids, table.y
+        self.partners = None  # epoch -> partner row index of every row (set by the mixer)
+        self._epoch: torch.Tensor | None = None
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, partners) last drawn
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def fetch_partners(self, partners) -> None:
+        """Batches carry mixing partners from now on; `partners(epoch)` -> int array [N]."""
+        self.partners = partners
+        # Shared memory: created before the workers fork (or are spawned), so a worker and
+        # the training process see the same scalar.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer before an epoch's iterator starts: its workers are idle then
+        (DataLoader resumes them after this), so every batch of the epoch reads `epoch`."""
+        if self._epoch is not None:
+            self._epoch.fill_(epoch)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.source.fetch(self.ids[i : i + 1])[0], self.y[i], torch.tensor(i)
 
     def __getitems__(self, indices) -> tuple[torch.Tensor, ...]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        return self.source.fetch(self.ids[idx.numpy()]), self.y[idx], idx
+        batch = (self.source.fetch(self.ids[idx.numpy()]), self.y[idx], idx)
+        if self.partners is None:
+            return batch
+        epoch = int(self._epoch)
+        if self._order is None or self._order[0] != epoch:  # once per epoch and process
+            self._order = (epoch, np.asarray(self.partners(epoch)))
+        partner = torch.from_numpy(self._order[1][idx.numpy()])
+        return *batch, partner, self.source.fetch(self.ids[partner.numpy()]), self.y[partner]
 
 
 def ignore_stop_signals(_worker_id: int) -> None:

@@ -84,16 +84,18 @@ def lr_find(recipe: Recipe, start: float, end: float, steps: int) -> LrFind:
     step, epoch = 0, 0
     while step < steps:
         loader.set_epoch(epoch)
+        if mixer is not None:  # lazy rows: the workers fetch this epoch's partners
+            mixer.start_epoch(epoch)
         batches = fast_batches(loader) or loader
         total = torch.zeros((), device=acc.device)
-        for micro, (x, y, idx) in enumerate(batches):
+        for micro, (x, y, idx, *partners) in enumerate(batches):
             if micro >= built.steps_per_epoch * accum:
                 break
             lr = start * grow**step
             for g, r in zip(optimizer.param_groups, ratio, strict=True):
                 g["lr"] = lr * r
             if mixer is not None:
-                x, y = mixer(x, y, idx, epoch)
+                x, y = mixer(x, y, idx, epoch, partners)
             if aug:
                 x = augment_batch(x, aug, augment_generator(recipe.seed, step, micro % accum, rank))
             boundary = (micro + 1) % accum == 0

@@ -264,17 +264,19 @@ class Trainer:
         accum = recipe.train.grad_accum
         state.epoch = epoch
         self.train_dl.set_epoch(epoch)  # seedable sampler: the order depends on (seed, epoch)
+        if self.mixer is not None:  # before the iterator starts its workers: lazy partners
+            self.mixer.start_epoch(epoch)
         skip = state.step_in_epoch * accum  # resume mid-epoch: micro-batches already trained
         batches = self._batches(epoch, skip)
         self.log.start_epoch(epoch, recipe.train.epochs, self.per_epoch, state.step_in_epoch)
         step_rows: list[torch.Tensor] = []
         stop = None
-        for micro, (x, y, idx) in enumerate(batches, start=skip):
+        for micro, (x, y, idx, *partners) in enumerate(batches, start=skip):
             if micro >= self.per_epoch * accum:
                 break  # tail shorter than one accumulation group: dropped (see drop_last)
             if self.audit is not None:
                 self.audit.write(f"{epoch} {state.step} {','.join(map(str, idx.tolist()))}\n")
-            x, y = self.transform(x, y, idx, epoch, micro % accum)  # mixup, augmentation
+            x, y = self.transform(x, y, idx, epoch, micro % accum, partners)  # mixup, augment
             boundary = (micro + 1) % accum == 0
             step_rows.append(idx)
             signals.set_phase(f"gradient all-reduce (backward) at step {state.step + 1}")
@@ -289,15 +291,18 @@ class Trainer:
         self.log.end_epoch()
         return stop
 
-    def transform(self, x, y, idx, epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(
+        self, x, y, idx, epoch: int, micro: int, partners=()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-batch transforms, each keyed so that it is world-size invariant and needs no
         RNG state to resume: mixup/CutMix on (seed, epoch, row), augmentation on (seed, step,
-        micro-batch, rank), drawn on the batch's device."""
+        micro-batch, rank), drawn on the batch's device. `partners`: the mixing partners a
+        lazy batch brought (rows.LazyRows)."""
         recipe = self.recipe
         if self.mixer is not None or recipe.data.augment:
             x = unit_float(x)  # uint8 images: mixing/augmenting needs the [0, 1] floats
         if self.mixer is not None:
-            x, y = self.mixer(x, y, idx, epoch)
+            x, y = self.mixer(x, y, idx, epoch, partners)
         if recipe.data.augment:
             key = (recipe.seed, self.state.step, micro, self.accelerator.process_index)
             x = augment_batch(x, recipe.data.augment, augment_generator(*key, device=x.device))

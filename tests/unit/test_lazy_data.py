@@ -208,15 +208,16 @@ def test_mid_epoch_resume_fetches_no_skipped_row(tmp_path):
 
 
 def test_lazy_training_is_bitwise_the_memory_training(files, tmp_path):
-    """One process: the lazy run (a glob of shards, a DataLoader worker, mixup fetching partner
-    rows lazily) ends with exactly the weights of the memory run on the whole file."""
+    """One process: the lazy run (a glob of shards, a DataLoader worker, mixup partners fetched
+    by the worker, epoch by epoch) ends with exactly the weights of the memory run on the
+    whole file."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: l\nseed: 3\n"
         "data: {target: label, task: multiclass, classes: [0, 1, 2], standardize: false,\n"
         "       augment: {mixup: 0.4}}\n"
         "model: {layers: [{linear: 16}, relu, dropout, {linear: out}]}\nloss: cross_entropy\n"
-        "optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\ntrain: {epochs: 1, batch_size: 24}\n"
+        "optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\ntrain: {epochs: 2, batch_size: 24}\n"
         "metrics: [accuracy]\n"
     )
     runs = {}

@@ -173,3 +173,67 @@ def test_killed_mid_epoch_then_resumed_mixes_bitwise_the_same(tmp_path):
     assert "checkpoints/step-000030" in r.stdout  # resumed mid-epoch 2 (steps 23..44)
     a, b = weights(ref / "model.safetensors"), weights(run / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Source:
+    """A lazy row source whose row r is the constant r (so a fetched row names itself)."""
+
+    input_shape, dtype = (3,), torch.float32
+
+    def __len__(self) -> int:
+        return N
+
+    def fetch(self, ids):
+        return torch.as_tensor(ids, dtype=torch.float32)[:, None].expand(-1, 3).clone()
+
+
+def test_lazy_batches_bring_their_partners_from_the_workers_epoch_by_epoch():
+    """Lazy rows fetch each row's mixing partner with the batch, in the DataLoader worker
+    (persistent, 2 of them): every epoch's partners are that epoch's `partner_order`, read
+    from the epoch the trainer sets before the iterator starts, and the mixer takes them
+    (checking them) instead of fetching in the training process; the mix equals the one made
+    from the same rows in memory."""
+    import numpy as np
+
+    from dist_train.config.schema import Recipe
+    from dist_train.data.loaders import whole_batch
+    from dist_train.data.mix import make_mixer, partner_order
+    from dist_train.data.rows import LazyRows, LazyTable
+
+    ids = np.arange(N, dtype=np.int32)[::-1].copy()  # split row i is source row N-1-i
+    y = torch.arange(N) % K
+    lazy = LazyRows(LazyTable(_Source(), ids, y))
+    recipe = Recipe.model_validate(
+        {
+            "name": "m",
+            "seed": 7,
+            "data": {
+                "source": "sklearn:iris",
+                "target": "target",
+                "task": "multiclass",
+                "augment": {"mixup": 0.4},
+            },
+            "model": {"layers": [{"linear": "out"}]},
+            "loss": "cross_entropy",
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "train": {"epochs": 3, "batch_size": 8},
+        }
+    )
+    mixer = make_mixer(recipe, lazy, K)
+    loader = torch.utils.data.DataLoader(
+        lazy, batch_size=8, shuffle=True, collate_fn=whole_batch, num_workers=2,
+        persistent_workers=True, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    memory = Mixer(recipe.data.augment, 7, TensorRows(Table(_Source().fetch(ids), y)), K)
+    for epoch in range(3):
+        mixer.start_epoch(epoch)
+        for x, yb, idx, partner, xp, yp in loader:
+            want = torch.from_numpy(partner_order(7, epoch, N))[idx]
+            assert torch.equal(partner, want)
+            assert torch.equal(xp[:, 0], torch.from_numpy(ids[want.numpy()]).float())
+            assert torch.equal(yp, y[want])
+            mixed = mixer(x, yb, idx, epoch, (partner, xp, yp))
+            expected = memory(x, yb, idx, epoch)
+            assert all(torch.equal(a, b) for a, b in zip(mixed, expected, strict=True))
+    with pytest.raises(RuntimeError, match="another epoch than 1"):
+        mixer(x, yb, idx, 1, (partner, xp, yp))  # the last batch's partners are epoch 2's
