@@ -70,6 +70,17 @@ def test_lazy_equals_memory_bitwise_and_workers_do_not_matter(folder, tmp_path):
     assert csv["memory"] == csv["lazy"] and len(csv["lazy"].splitlines()) == 401
 
 
+def test_mixup_cutmix_partners_come_from_the_workers_and_equal_memory(folder, tmp_path):
+    """Mixup and CutMix over 2 epochs: on lazy the partners are decoded by the 2 persistent
+    workers with each batch (test_mix checks what a batch carries), epoch by epoch, and the
+    weights are the memory path's bitwise."""
+    mix = ["data.augment={mixup: 0.4, cutmix: 1.0, switch_prob: 0.5}"]
+    memory, _ = _train(folder, tmp_path / "memory", *mix, "data.mode=memory")
+    lazy, r = _train(folder, tmp_path / "lazy", *mix, "data.mode=lazy", "data.num_workers=2")
+    assert "2 workers/process" in r.stdout
+    assert bitwise_equal(memory, lazy)
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_processes_match_one_on_lazy_with_workers(folder, tmp_path):
