@@ -455,7 +455,13 @@ def load_lazy_table(
     False. Under data.missing drop the rows with a gap are left out (`rows`: file row
     numbers); what encoding counted (dropped, imputed, unseen) is the table's `note`."""
     from dist_train.data.columns import Counts, TableEncoder
-    from dist_train.data.sources import column, counts_note, encode_targets, numeric_target
+    from dist_train.data.sources import (
+        class_rows,
+        column,
+        counts_note,
+        encode_targets,
+        numeric_target,
+    )
 
     if source.startswith("imagefolder:"):
         from dist_train.data.images import lazy_image_table
@@ -470,10 +476,17 @@ def load_lazy_table(
     keep_rows, note = np.ones(len(rows), dtype=bool), None
     plain = all(c.kind in ("number", "bool") for c in encoder.columns)
     if not (plain and encoder.missing == "error"):  # one pass: gaps (error names the row), counts
+        import pyarrow as pa
+
+        # Counted over the rows data.classes keeps, as the memory path counts its sources.
+        labelled = class_rows(rows.table([cfg.target]), cfg, source, classes)
         label, counts = what or f"--data {source}", Counts()
         for start, batch in rows.batches():
+            end = start + batch.num_rows
             _, kept, got = encoder.encode(batch, label, start)
-            keep_rows[start : start + batch.num_rows] = kept
+            keep_rows[start:end] = kept
+            if labelled is not None:
+                got = encoder.encode(batch.filter(pa.array(labelled[start:end])), label)[2]
             counts.add(got)
         note = counts_note(counts, source, what)
     rows = encoded(rows, encoder, cfg)

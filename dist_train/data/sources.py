@@ -703,6 +703,11 @@ def load_table(
         encoder = encoder or TableEncoder.fit(frame, feature_names, cfg.missing, cfg.categorical)
         arrow = as_arrow(frame, encoder.names, f"--data {source}")
         x, kept, counts = encoder.encode(arrow, f"--data {source}")
+        labelled = class_rows(frame, cfg, source, classes)
+        if labelled is not None:  # counted over the rows evaluated, as the training source's
+            import pyarrow as pa
+
+            counts = encoder.encode(arrow.filter(pa.array(labelled)), f"--data {source}")[2]
         rows, note = np.nonzero(kept)[0], counts_note(counts, source, what)
         x = _shaped(torch.from_numpy(x), cfg)
     targets = cfg.target if isinstance(cfg.target, list) else [cfg.target]
@@ -720,6 +725,19 @@ def load_table(
     _, y, keep = _encode_targets(y_raw, cfg, None, classes)
     keep = keep.numpy()
     return Table(x[torch.from_numpy(keep)], y, rows[keep], note), True
+
+
+def class_rows(frame, cfg: DataConfig, source: str, classes: list | None) -> np.ndarray | None:
+    """bool [rows]: the rows whose label `data.classes` keeps (another file's rows, before
+    any feature gap is looked at: what its counts are taken over, as the memory path counts
+    the training source's); None when no class filter applies or the file has no targets."""
+    if cfg.classes is None or cfg.task not in ("binary", "multiclass"):
+        return None
+    if cfg.target not in frame.column_names:
+        return None
+    _, _, keep = _encode_targets(_column(frame, cfg.target, source), cfg, None, classes)
+    keep = keep.numpy()
+    return None if keep.all() else keep
 
 
 def counts_note(counts, source: str, what: str | None) -> str | None:

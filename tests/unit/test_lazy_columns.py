@@ -261,3 +261,26 @@ def test_lazy_run_is_bitwise_the_memory_run_then_eval_and_predict_reuse_columns_
     assert evals["lazy"]["valid/rows"] == 97
     for key in ("valid/loss", "valid/accuracy"):
         assert evals["lazy"][key] == pytest.approx(evals["memory"][key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("missing", ["impute", "drop"])
+def test_another_files_counts_cover_the_rows_data_classes_keeps(files, tmp_path, missing):
+    """eval/predict `--data` (and the stream path's valid/test sources) count imputed, dropped
+    and unseen cells over the rows data.classes keeps, as the training source is counted:
+    lazy and memory give the same note, and it differs from the count over every row."""
+    from dist_train.data.sources import load_table
+
+    kw = {"missing": missing, "classes": [0, 2]}
+    memory = load_data(cfg(f"csv:{files['csv']}", mode="memory", **kw), seed=1)
+    feats = memory.feature_names
+    labels = pd.read_csv(files["test"])["label"]
+    notes, sizes = {}, {}
+    for mode in ("memory", "lazy"):
+        c = cfg(f"csv:{files['csv']}", mode=mode, cache_dir=str(tmp_path), **kw)
+        t, _ = load_table(f"csv:{files['test']}", c, memory.classes, feats, encoder=memory.encoder)
+        notes[mode], sizes[mode] = t.note, len(t.y)
+    assert notes["lazy"] == notes["memory"] and notes["memory"]
+    assert sizes["lazy"] == sizes["memory"] <= int(labels.isin([0, 2]).sum()) < len(labels)
+    every = cfg(f"csv:{files['csv']}", mode="memory", missing=missing)
+    t, _ = load_table(f"csv:{files['test']}", every, [0, 1, 2], feats, encoder=memory.encoder)
+    assert t.note != notes["memory"]  # 97 rows counted, not the filtered ones
