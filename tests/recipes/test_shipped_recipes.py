@@ -41,6 +41,9 @@ def _local(name: str, request) -> list[str]:
     pretrained a few steps only) and these overrides point the recipes there."""
     if name == "digits_folder_lazy.yaml":  # the image folder its script writes
         return [f"data.source=imagefolder:{request.getfixturevalue('digits_folder')}"]
+    if name == "parquet_shards_lazy.yaml":  # the shard directory its script writes
+        shards = request.getfixturevalue("parquet_shards")
+        return [f"data.source=parquet:{shards}", f"data.cache_dir={shards.parent / 'cache'}"]
     if name not in LOCAL:
         return []
     root = request.getfixturevalue("local_models")
@@ -69,6 +72,18 @@ def digits_folder(tmp_path_factory) -> Path:
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(list(out.glob("*/*.png"))) == 300 and "wrote 300 images" in r.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def parquet_shards(tmp_path_factory) -> Path:
+    """recipes/make_parquet_shards.py run as its header says (3,000 rows in 3 shards here)."""
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    script = ROOT / "recipes" / "make_parquet_shards.py"
+    cmd = [sys.executable, str(script), "--out", str(out), "--rows", "3000", "--shards", "3"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list(out.glob("part-*.parquet"))) == 3 and "wrote 3000 rows" in r.stdout
     return out
 
 
