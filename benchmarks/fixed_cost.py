@@ -30,8 +30,8 @@ def at_exit():
     rec = json.loads(open(mark).read())
     open(mark, "w").write(json.dumps(rec | {{"rss": peak_rss_mib()}}))
 atexit.register(at_exit)
-from dist_train.cli import main
-sys.exit(main(sys.argv[1:]))
+from dist_train.cli import entry  # as `dist-train` runs it
+sys.exit(entry())
 """
 
 

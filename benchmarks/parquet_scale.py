@@ -63,8 +63,8 @@ def on_step(*a):
             child.kill()
         os._exit(0)
 o.register_optimizer_step_post_hook(on_step)
-from dist_train.cli import main
-sys.exit(main(sys.argv[1:]))
+from dist_train.cli import entry  # as `dist-train` runs it
+sys.exit(entry())
 """
 
 FOOTPRINT = """import torch

@@ -2,6 +2,6 @@
 
 import sys
 
-from dist_train.cli import main
+from dist_train.cli import entry
 
-sys.exit(main())
+sys.exit(entry())
