@@ -30,8 +30,8 @@ def at_exit():
     rec = json.loads(open(mark).read())
     open(mark, "w").write(json.dumps(rec | {{"rss": peak_rss_mib()}}))
 atexit.register(at_exit)
-from dist_train.cli import entry  # as `dist-train` runs it
-sys.exit(entry())
+from dist_train import cli  # as `dist-train` runs it (a --baseline-src tree may predate entry)
+sys.exit(getattr(cli, "entry", cli.main)())
 """
 
 
