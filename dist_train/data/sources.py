@@ -433,11 +433,14 @@ def _no_data_lines(loc: str, kind: str) -> bool:
 def _sklearn(name: str, source: str):
     if name not in SKLEARN_SETS:
         raise UserError(f"{source}: scikit-learn ships {', '.join(SKLEARN_SETS)}.")
-    import datasets
+    import pyarrow as pa
     import sklearn.datasets
 
     frame = getattr(sklearn.datasets, f"load_{name}")(as_frame=True).frame
-    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    # An Arrow table, as a parquet source reads into: the same columns and types as
+    # `datasets.Dataset.from_pandas` (which converts through the same call), without importing
+    # `datasets` (~0.5 s of every run on these tables beyond pyarrow and pandas, measured).
+    return pa.Table.from_pandas(frame, preserve_index=False)
 
 
 def _from_disk(loc: str, split: str, source: str):
