@@ -284,7 +284,7 @@ def _kept(keep: torch.Tensor, y: torch.Tensor, miss: np.ndarray | None):
 def _gathered(values: np.ndarray, order: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
     """`values[order]`, gathered a chunk at a time: numpy widens an int32 index array to
     int64 first, a temporary of 8 bytes a row at the load's peak; in chunks it stays 8 MiB."""
-    out = np.empty(len(order), dtype=values.dtype)
+    out = np.empty((len(order), *values.shape[1:]), dtype=values.dtype)
     for start in range(0, len(order), chunk):
         out[start : start + chunk] = values[order[start : start + chunk]]
     return out
