@@ -597,7 +597,7 @@ def _check_classes_present(y: np.ndarray, cfg: DataConfig) -> None:
     """Every label in `data.classes` must occur in the training source: otherwise the filter
     silently drops those rows (all of them, if none matches) and the run fails later, far from
     the cause."""
-    present = set((np.unique(y) if y.dtype.kind in "iub" else y).tolist())
+    present = _distinct(y)
     missing = [c for c in cfg.classes if c not in present]
     if missing:
         shown = sorted(present, key=lambda v: (str(type(v)), v))
@@ -610,16 +610,17 @@ def _check_classes_present(y: np.ndarray, cfg: DataConfig) -> None:
         )
 
 
+def _distinct(labels: np.ndarray) -> set:
+    """The distinct labels; numbers through np.unique, not a Python list of every row."""
+    return set((np.unique(labels) if labels.dtype.kind in "iub" else labels).tolist())
+
+
 def _class_list(y: np.ndarray, cfg: DataConfig, extra) -> list:
     if cfg.classes is not None:
         return list(cfg.classes)
     if cfg.num_classes and y.dtype.kind in "iu":
         return list(range(cfg.num_classes))
-
-    def labels(v: np.ndarray) -> set:  # numbers: their distinct values, not a list of all
-        return set((np.unique(v) if v.dtype.kind in "iub" else v).tolist())
-
-    seen = labels(y) | (labels(extra) if extra is not None else set())
+    seen = _distinct(y) | (_distinct(extra) if extra is not None else set())
     classes = sorted(seen, key=lambda v: (str(type(v)), v))
     want = 2 if cfg.task == "binary" else cfg.num_classes
     if want and len(classes) != want:
