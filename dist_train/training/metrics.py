@@ -8,10 +8,6 @@ the last batch; every rank then updates identical metric objects with `sync_on_c
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import threading
-
 import torch
 
 from dist_train.config.tasks import split_metric
@@ -38,9 +34,12 @@ class MetricSet:
 
     @property
     def metrics(self) -> dict:
-        """Built at the first update, so `import torchmetrics` stays off the path to the first
-        training step (the metric set is created before the loop starts); `import_early` has
-        usually finished it by then."""
+        """Built at the first update, so `import torchmetrics` (3.7 s here with the `[all]`
+        extras: its package `__init__` imports scipy.signal, matplotlib and transformers
+        whenever they are installed) waits for the first evaluation instead of delaying the
+        first step. Not on a background thread started earlier: with small CPU steps the two
+        threads take turns on the GIL, which made the whole process slower than this serial
+        import (benchmarks/run.py startup_mlp_bs64, README Performance)."""
         if self._metrics is None:
             self._metrics = {name: self._build(name).to(self.device) for name in self.names}
             self._metrics |= {k: own_copy(m).to(self.device) for k, m in self.supplied.items()}
@@ -84,30 +83,6 @@ class MetricSet:
             out[name] = value.tolist() if value.numel() > 1 else float(value)
             metric.reset()
         return out
-
-
-def import_early(forks_workers: bool) -> threading.Thread | None:
-    """Start `import torchmetrics` on a daemon thread, so its cost overlaps the first training
-    steps (whose kernels release the GIL) instead of stalling the first evaluation: 3.7 s here
-    with the `[all]` extras, because the package `__init__` imports scipy.signal, matplotlib
-    and transformers whenever they are installed (torchmetrics issue #3457), and importing a
-    submodule runs that `__init__` first. The first metric update's own `import` then finds
-    the module, or waits on its import lock until this thread is done.
-
-    Not when DataLoader worker processes will fork (`forks_workers`): a fork while this thread
-    holds a module's import lock leaves the lock held in the child, which deadlocks if it
-    imports that module. Nor when torchmetrics is already imported (a notebook, `fit()`)."""
-    if forks_workers or "torchmetrics" in sys.modules:
-        return None
-    thread = threading.Thread(target=_import_quietly, name="import-torchmetrics", daemon=True)
-    thread.start()
-    return thread
-
-
-def _import_quietly() -> None:
-    # A failure is left to the first update's own import, which raises it in the training thread.
-    with contextlib.suppress(Exception):
-        import torchmetrics  # noqa: F401
 
 
 def own_copy(metric):

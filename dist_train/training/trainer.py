@@ -219,10 +219,6 @@ class Trainer:
             self.log.info(notice or self.average.describe())
         self.stepper = Stepper(acc, self.model, self.optimizer, self.head, t)
         self.metrics = self._metric_set()
-        if self.metrics is not None:  # evaluation will need torchmetrics: import it meanwhile
-            from dist_train.training.metrics import import_early
-
-            import_early(workers is not None and workers.num_workers > 0)
         self.heartbeat = signals.Heartbeat(acc.process_index, acc.num_processes)
         self.audit = open_audit(self.run_dir, acc.process_index)
         self.loss_sum = torch.zeros((), device=acc.device)  # summed on device: no sync per step

@@ -19,6 +19,7 @@ CASES = [
     "eval",
     "startup_digits_cnn",
     "startup_mlp_bs64",
+    "startup_mlp_bs64_loss_only",
 ]
 
 
