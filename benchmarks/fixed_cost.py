@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # the tree whose dist_train is measured (unless --baseline-src names another)
 
 HOOK = """import atexit, json, os, sys, time, torch.optim.optimizer as o
 sys.path.insert(0, {here!r})
 from plain import peak_rss_mib
 mark, quit_early = {mark!r}, {quit!r}
 def first_step(*a):
-    rec = {{"t": time.time(), "cpu": time.process_time(), "rss": peak_rss_mib()}}
+    rec = {{"t": time.time(), "cpu": time.process_time(), "rss": peak_rss_mib(),
+           "src": sys.modules["dist_train"].__file__}}
     open(mark, "x").write(json.dumps(rec))
     hd.remove()
     if quit_early:
@@ -35,6 +37,32 @@ sys.exit(getattr(cli, "entry", cli.main)())
 """
 
 
+def source_env(work: Path, src: str | None) -> dict:
+    """The environment that makes a fresh `python -c` import dist_train from `src`, or from this
+    checkout: explicitly, because `-c` puts the current directory first on sys.path, ahead of
+    PYTHONPATH, so a run started in a checkout would import that checkout whatever `src` says.
+    The commands run with the work folder as their current directory for the same reason."""
+    return os.environ | {
+        "PYTHONPATH": src or str(ROOT),
+        "HF_DATASETS_CACHE": str(work / "hf-cache"),
+        "WANDB_MODE": "disabled",
+    }
+
+
+def compile_sources(work: Path, src: str | None) -> None:
+    """Byte-compile the dist_train that a `startup` run imports, as `pip install` does for a
+    user: otherwise every run compiles the package's ~80 modules from source (~0.3 s) where
+    the interpreter may not write bytecode (PYTHONDONTWRITEBYTECODE) or the tree is new.
+    plain.py runs as `__main__`, which Python never caches, in both measurements alike."""
+    work = work.resolve()
+    code = (
+        "import compileall, os, dist_train; "
+        "compileall.compile_dir(os.path.dirname(dist_train.__file__), quiet=1)"
+    )
+    env = source_env(work, src)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=work)
+
+
 def startup(
     impl: str, name: str, case: dict, work: Path, tag: str, quick: bool, src: str | None = None
 ) -> dict:
@@ -42,6 +70,7 @@ def startup(
     process start -> first optimizer step (a global optimizer-step hook / the script's own
     callback write the wall-clock time) and the peak RSS of the whole run (VmHWM at exit).
     --quick stops right after the first step. `src`: dist_train from that directory."""
+    work = work.resolve()  # the commands run in it (see source_env)
     mark = work / f"first-{tag}.json"
     mark.unlink(missing_ok=True)
     if impl == "plain":
@@ -61,22 +90,23 @@ def startup(
             "-c",
             hook,
             "train",
-            case["recipe"],
+            str(Path(case["recipe"]).resolve()),
             *case.get("overrides", []),
             "-o",
             str(work / "runs" / f"startup-{tag}"),
             "--restart",
         ]
-    env = os.environ | {"HF_DATASETS_CACHE": str(work / "hf-cache"), "WANDB_MODE": "disabled"}
-    if src:
-        env["PYTHONPATH"] = src
+    env = source_env(work, src)
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=work)
     total = time.time() - t0
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.decode()[-2000:]}")
     rec = json.loads(mark.read_text())
+    want = Path(src or ROOT).resolve() / "dist_train"
+    if "src" in rec and Path(rec["src"]).resolve().parent != want:  # plain.py writes no src
+        raise RuntimeError(f"{tag} measured dist_train from {rec['src']}, not {want}")
     # CPU seconds (user + system, all threads) beside the wall clock: on a machine shared with
     # other jobs they vary far less, because waiting for a core is not counted.
     cpu = c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # plain.py, fixed_cost.py
-from fixed_cost import row, startup, startup_line, startup_rows
+from fixed_cost import compile_sources, row, startup, startup_line, startup_rows
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -317,6 +317,9 @@ def measure(
     baseline: str | None = None,
 ) -> dict:
     runs: dict[str, list] = {c: [] for c in cases}
+    if any(c.startswith("startup_") for c in cases):
+        for src in (None, baseline) if baseline else (None,):
+            compile_sources(work, src)
     for r in range(rounds):
         for name in cases:
             impls = ["plain", "dist"]
