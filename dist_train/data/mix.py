@@ -90,6 +90,7 @@ class Mixer:
         self.classes = classes  # cross_entropy: one-hot width; 0: targets mixed as numbers
         self._epoch: int | None = None
         self._tables: dict[str, torch.Tensor] = {}
+        self._fetch_checked: int | None = None  # the epoch whose fetched partners were checked
 
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, fetched=()
@@ -101,9 +102,13 @@ class Mixer:
         if fetched:
             ids, xp, yp = fetched
             # The worker drew them from the epoch the trainer set: a mismatch would silently
-            # mix the wrong rows, so it is checked (one comparison of N integers).
-            if not torch.equal(ids.to(partner.device), partner):
-                raise RuntimeError(f"mixup partners fetched for another epoch than {epoch}")
+            # mix the wrong rows, so it is checked. Once per epoch (the first batch): a wrong
+            # epoch is wrong for every batch of it, and `torch.equal` on an accelerator waits
+            # for the device, which a check on every step would add to the loop.
+            if self._fetch_checked != epoch:
+                if not torch.equal(ids.to(partner.device), partner):
+                    raise RuntimeError(f"mixup partners fetched for another epoch than {epoch}")
+                self._fetch_checked = epoch
             xp = unit_float(xp.to(x.device, non_blocking=True))
             yp = yp.to(y.device)
         else:
